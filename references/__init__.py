@@ -1,0 +1,30 @@
+"""normconf references: certified, correctly rounded normalisation layers, forward and backward.
+
+Every function returns the exact mathematical result for its exactly represented inputs, rounded
+once (to nearest, ties to even) into the output dtype. See :mod:`references.norms`,
+:mod:`references.gradients`, :mod:`references.conventions` and :mod:`references.presets`.
+"""
+
+from references.norms import (
+    NormOutput,
+    batch_norm,
+    deep_norm,
+    fused_add_layer_norm,
+    fused_add_rms_norm,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    rms_norm,
+)
+
+__all__ = [
+    "NormOutput",
+    "batch_norm",
+    "deep_norm",
+    "fused_add_layer_norm",
+    "fused_add_rms_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "rms_norm",
+]

@@ -1,0 +1,215 @@
+"""The backward pass of the group engine: gradients w.r.t. ``z``, weight and bias.
+
+The formulas are in :mod:`references.groups`. As for the forward pass, each gradient element is
+computed on the certified fast path first and exactly where that cannot decide it. Non-finite
+values propagate as NaN: a non-finite input or upstream gradient in a group makes that group's
+``dz`` NaN, and makes NaN every weight/bias gradient it contributes to.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+
+from references.exact import (
+    LinComb,
+    Surd,
+    exact_sum,
+    lincomb_at,
+    lincomb_product,
+    lincomb_sum,
+    round_surd,
+    surd_sum,
+)
+from references.fast import Approx, Working, certify, working_for
+from references.formats import Format, round_fraction
+from references.groups import (
+    Problem,
+    _approx_fraction,
+    _effective_weight,
+    _exact_weight,
+    _row,
+    fast_stats,
+)
+
+
+def _bad_grad_groups(p: Problem, grad: np.ndarray) -> np.ndarray:
+    bad = p.bad_groups | ~np.isfinite(grad).all(axis=1)
+    weight = p.elementwise(p.weight)
+    if weight is not None:
+        bad |= ~np.isfinite(weight).all(axis=1)
+    return bad
+
+
+@np.errstate(all="ignore")
+def grad_input(
+    p: Problem,
+    grad: np.ndarray,
+    fmt: Format,
+    scale: Fraction = Fraction(1),
+    addend: np.ndarray | None = None,
+    *,
+    fast: bool = True,
+) -> np.ndarray:
+    """``scale * (dL/dz + addend)`` for upstream gradient ``grad`` (``(G, K)``), correctly
+    rounded into ``fmt``. ``addend`` is a second upstream gradient reaching ``z`` directly (the
+    fused adds' residual output); ``scale`` is the exact factor of the summand (``alpha``)."""
+    bad = _bad_grad_groups(p, grad)
+    if addend is not None:
+        bad |= ~np.isfinite(addend).all(axis=1)
+    result = np.full(p.shape, np.nan)
+    decided = np.zeros(p.shape, dtype=bool)
+    w = working_for(fmt) if fast else None
+    if w is not None and grad.size:
+        clean = np.where(bad[:, None], 0, grad)
+        dz = _fast_grad_input(p, clean, w)
+        if addend is not None:
+            dz = dz + Approx.exact(np.where(bad[:, None], 0, addend), w)
+        if scale != 1:
+            dz = dz * _approx_fraction(scale, w)
+        result, decided = certify(dz, fmt)
+    decided |= bad[:, None]
+    result[bad] = np.nan
+    cache: dict[int, tuple[Fraction, Fraction]] = {}
+    for g, k in zip(*np.nonzero(~decided), strict=True):
+        value = _exact_grad_input(p, grad, int(g), int(k), cache)
+        if value is None:
+            result[g, k] = np.nan
+            continue
+        if addend is not None:
+            value = value + Fraction(float(addend[g, k]))
+        result[g, k] = round_surd(value * scale, fmt)
+    return result
+
+
+def _fast_grad_input(p: Problem, grad: np.ndarray, w: Working) -> Approx:
+    stats = fast_stats(p, w)
+    h = Approx.exact(grad, w)
+    weight = _effective_weight(p, w)
+    if weight is not None:
+        h = h * weight
+    if p.given is not None:
+        return h * stats.r
+    centred = h - h.sum(axis=1) / Approx.exact(float(p.n), w) if p.conv.center else h
+    k = (h * stats.t).sum(axis=1)
+    coef = k * stats.r * stats.r * stats.r_prime / Approx.exact(float(p.dv), w)
+    return centred * stats.r - stats.t * coef
+
+
+def _h_terms(p: Problem, grad: np.ndarray, g: int) -> LinComb:
+    """``h = grad * (weight_offset + weight)`` on row ``g`` as an exact linear combination."""
+    row = grad[g]
+    weight = p.elementwise(p.weight)
+    if weight is None:
+        return [(Fraction(1), (row,))]
+    terms: LinComb = [(Fraction(1), (row, weight[g]))]
+    if p.conv.weight_offset:
+        terms.append((Fraction(p.conv.weight_offset), (row,)))
+    return terms
+
+
+def _exact_grad_input(
+    p: Problem, grad: np.ndarray, g: int, k: int, cache: dict[int, tuple[Fraction, Fraction]]
+) -> Surd | None:
+    """The exact ``dz`` element, or None where it is NaN (a group with ``s = 0``)."""
+    st = p.exact_stats(g)
+    if st.r is None:
+        return None
+    h_i = Fraction(float(grad[g, k]))
+    weight = _exact_weight(p, (g, k))
+    if weight is not None:
+        h_i *= weight
+    if p.given is not None:
+        return st.r * h_i
+    if g not in cache:
+        h = _h_terms(p, grad, g)
+        sum_h = lincomb_sum(h)
+        sum_hz = lincomb_sum(lincomb_product(h, _row(p.z, g, p.shape)))
+        cache[g] = (sum_h, sum_hz - st.mean * sum_h)
+    sum_h, k_sum = cache[g]
+    centred = h_i - sum_h / p.n if p.conv.center else h_i
+    value = st.r * centred
+    if st.r_prime is not None and k_sum:
+        t_i = lincomb_at(p.z, (g, k)) - st.mean
+        value = value - st.r * st.r * st.r_prime * (t_i * k_sum / p.dv)
+    return value
+
+
+@np.errstate(all="ignore")
+def grad_affine(
+    p: Problem,
+    grad: np.ndarray,
+    count: int,
+    weight_fmt: Format | None,
+    bias_fmt: Format | None,
+    *,
+    fast: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(dL/dweight, dL/dbias)``, each of length ``count``, correctly rounded (None if not
+    asked for)."""
+    assert p.widx is not None
+    index = np.broadcast_to(p.widx, p.shape)
+    bad_element = np.broadcast_to(p.bad_groups[:, None], p.shape) | ~np.isfinite(grad)
+    poisoned = np.bincount(index.ravel(), weights=bad_element.ravel(), minlength=count) > 0
+    clean = np.where(bad_element, 0.0, grad)
+    dw = db = None
+    if weight_fmt is not None:
+        dw = _reduce(p, clean, index, count, weight_fmt, with_xhat=True, fast=fast)
+        dw[poisoned] = np.nan
+    if bias_fmt is not None:
+        db = _reduce(p, clean, index, count, bias_fmt, with_xhat=False, fast=fast)
+        db[np.bincount(index.ravel(), weights=~np.isfinite(grad).ravel(), minlength=count) > 0] = (
+            np.nan
+        )
+    return dw, db
+
+
+def _reduce(
+    p: Problem,
+    grad: np.ndarray,
+    index: np.ndarray,
+    count: int,
+    fmt: Format,
+    with_xhat: bool,
+    fast: bool,
+) -> np.ndarray:
+    result, decided = np.full(count, np.nan), np.zeros(count, dtype=bool)
+    w = working_for(fmt) if fast else None
+    if w is not None and grad.size:
+        term = Approx.exact(grad, w)
+        if with_xhat:
+            stats = fast_stats(p, w)
+            term = term * (stats.t * stats.r)
+        if _one_weight_per_column(p, count):
+            summed = term.sum(axis=0, keepdims=False)  # LayerNorm's layout: a column sum
+        else:
+            summed = term.sum_by(index, count)
+        result, decided = certify(summed, fmt)
+    for j in np.nonzero(~decided)[0]:
+        rows, cols = np.nonzero(index == j)
+        if with_xhat:
+            terms = [
+                _exact_xhat_term(p, grad, int(g), int(k)) for g, k in zip(rows, cols, strict=True)
+            ]
+            result[j] = np.nan if None in terms else round_surd(surd_sum(terms), fmt)  # type: ignore[arg-type]
+        else:
+            result[j] = round_fraction(exact_sum(grad[rows, cols]), fmt)
+    return result
+
+
+def _one_weight_per_column(p: Problem, count: int) -> bool:
+    assert p.widx is not None
+    K = p.shape[1]
+    return p.widx.shape == (1, K) and count == K and bool((p.widx[0] == np.arange(K)).all())
+
+
+def _exact_xhat_term(p: Problem, grad: np.ndarray, g: int, k: int) -> Surd | None:
+    """``grad * xhat`` at one element exactly; None where ``xhat`` is NaN (``s = 0``)."""
+    st = p.exact_stats(g)
+    gk = Fraction(float(grad[g, k]))
+    if st.r is None:
+        return None
+    if not gk:
+        return Surd(0)
+    return st.r * ((lincomb_at(p.z, (g, k)) - st.mean) * gk)

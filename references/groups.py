@@ -1,0 +1,529 @@
+"""One engine for every norm: normalise groups of values, then a per-element affine map.
+
+Every norm in this package reduces to the same computation on a ``(G, K)`` layout: ``G`` groups of
+``K`` values ``z`` (a LayerNorm row, a GroupNorm group, a BatchNorm channel over the batch, ...),
+and a weight/bias vector indexed per element by ``widx``. With ``c = 1`` when the mean is
+subtracted (``c = 0`` for RMS norms) and ``dv = n`` or ``n - 1`` (biased/unbiased):
+
+    mu  = c * sum(z) / n                    t_i = z_i - mu
+    V   = sum(t_i**2) / dv                  s   = sqrt(V + eps)       (eps inside)
+                                            s   = sqrt(V) + eps       (eps outside)
+    r   = 1 / s   (rstd)                    y_i = t_i * r * w_i + b_i   (w_i = weight_offset + w)
+
+and, given the upstream gradient ``g``, with ``h_i = g_i w_i``, ``K = sum(h_i t_i)`` and ``s'`` the
+derivative's square root (``s`` inside, ``sqrt(V)`` outside, where ``ds/dV = 1 / (2 s')``):
+
+    dz_i = r (h_i - c mean(h)) - t_i K r**2 / (dv s')
+    dw_j = sum over elements with widx = j of g_i t_i r        db_j = sum of g_i likewise
+
+(at ``V = 0`` outside the square root the second term of ``dz`` is 0: its numerator vanishes to
+second order). With given statistics (BatchNorm in evaluation) ``mu`` and ``V`` are inputs and
+``dz_i = r h_i``.
+
+Each result is first computed on the fast path (:mod:`references.fast`) and certified; elements it
+cannot decide are computed exactly (:mod:`references.exact`), group statistics once per group.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from references.exact import LinComb, Surd, lincomb_at, lincomb_product, lincomb_sum, round_surd
+from references.fast import (
+    BOUND_SAFETY,
+    Approx,
+    Working,
+    _gamma,
+    blocked_sum,
+    certify,
+    decide,
+    working_for,
+)
+from references.formats import Format
+
+
+@dataclass(frozen=True)
+class Convention:
+    center: bool
+    unbiased: bool
+    eps: float
+    eps_outside: bool
+    weight_offset: float = 0.0
+
+
+@dataclass
+class Problem:
+    """A normalisation in the ``(G, K)`` layout.
+
+    ``z`` is exact (a :data:`~references.exact.LinComb` of arrays broadcastable to ``(G, K)``);
+    ``weight``/``bias`` are 1-D, indexed per element by ``widx`` (broadcastable to ``(G, K)``);
+    ``given`` holds ``(mean, var)`` per group when the statistics are inputs rather than computed.
+    """
+
+    z: LinComb
+    shape: tuple[int, int]
+    conv: Convention
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    widx: np.ndarray | None = None
+    given: tuple[np.ndarray, np.ndarray] | None = None
+    _exact_stats: dict[int, GroupStats] = field(default_factory=dict, repr=False)
+    _fast_stats: dict[Working, FastStats] = field(default_factory=dict, repr=False)
+
+    # -- layout helpers -----------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return self.shape[1]
+
+    @property
+    def dv(self) -> int:
+        return self.n - 1 if self.conv.unbiased else self.n
+
+    def elementwise(self, vector: np.ndarray | None) -> np.ndarray | None:
+        """A per-weight vector as a read-only ``(G, K)`` view, one value per element."""
+        compact = self.compact(vector)
+        return None if compact is None else np.broadcast_to(compact, self.shape)
+
+    def compact(self, vector: np.ndarray | None) -> np.ndarray | None:
+        """A per-weight vector in the smallest shape that broadcasts to ``(G, K)``."""
+        if vector is None:
+            return None
+        assert self.widx is not None
+        return vector[self.widx]
+
+    @functools.cached_property
+    def bad_groups(self) -> np.ndarray:
+        """Groups whose result is NaN by definition: a non-finite value, or n - 1 = 0 unbiased."""
+        bad = np.zeros(self.shape[0], dtype=bool)
+        for _, arrays in self.z:
+            for a in arrays:
+                finite = np.broadcast_to(np.isfinite(a), self.shape)
+                bad |= ~finite.all(axis=1)
+        if self.given is None and self.dv <= 0:
+            bad[:] = True
+        if self.given is not None:
+            bad |= ~np.isfinite(self.given[0]) | ~np.isfinite(self.given[1])
+        return bad
+
+    def finite_terms(self) -> list[tuple[Fraction, tuple[np.ndarray, ...]]]:
+        """``z`` with the non-finite groups zeroed, so that the fast path stays finite."""
+        if not self.bad_groups.any():
+            return self.z
+        bad = self.bad_groups[:, None]
+        return [
+            (c, tuple(np.where(bad, 0.0, np.broadcast_to(a, self.shape)) for a in arrays))
+            for c, arrays in self.z
+        ]
+
+    def rows(self, start: int, stop: int) -> Problem:
+        """The sub-problem of groups ``start..stop`` (the fast path runs on row blocks)."""
+        G = self.shape[0]
+
+        def cut(a: np.ndarray) -> np.ndarray:
+            return a[start:stop] if a.ndim == 2 and a.shape[0] == G else a
+
+        given = (
+            None if self.given is None else (self.given[0][start:stop], self.given[1][start:stop])
+        )
+        return Problem(
+            z=[(c, tuple(cut(a) for a in arrays)) for c, arrays in self.z],
+            shape=(stop - start, self.shape[1]),
+            conv=self.conv,
+            weight=self.weight,
+            bias=self.bias,
+            widx=None if self.widx is None else cut(self.widx),
+            given=given,
+        )
+
+    # -- exact statistics ---------------------------------------------------------------------
+    def exact_stats(self, g: int) -> GroupStats:
+        if g not in self._exact_stats:
+            self._exact_stats[g] = _exact_group_stats(self, g)
+        return self._exact_stats[g]
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    mean: Fraction
+    total: Fraction | None  # sum of squared deviations (None with given statistics)
+    var: Fraction | None  # None when undefined (dv = 0)
+    s: Surd | None  # None when s = 0 (the group is NaN)
+    r: Surd | None
+    r_prime: Surd | None  # 1/s' for the backward (0 where the term vanishes)
+
+
+def _row(terms: LinComb, g: int, shape: tuple[int, int]) -> LinComb:
+    return [(c, tuple(np.broadcast_to(a, shape)[g] for a in arrays)) for c, arrays in terms]
+
+
+def _exact_group_stats(p: Problem, g: int) -> GroupStats:
+    conv, eps = p.conv, Fraction(p.conv.eps)
+    if p.given is not None:
+        mean, var, total = Fraction(float(p.given[0][g])), Fraction(float(p.given[1][g])), None
+    else:
+        row = _row(p.z, g, p.shape)
+        s1 = lincomb_sum(row)
+        s2 = lincomb_sum(lincomb_product(row, row))
+        mean = s1 / p.n if conv.center else Fraction(0)
+        total = s2 - s1 * s1 / p.n if conv.center else s2
+        var = total / p.dv
+    if conv.eps_outside:
+        root = Surd.sqrt(var)
+        s = root + eps
+        r_prime = None if root.is_zero() else 1 / root
+    else:
+        s = Surd.sqrt(var + eps)
+        r_prime = None if s.is_zero() else 1 / s
+    if s.is_zero():
+        return GroupStats(mean, total, var, None, None, None)
+    return GroupStats(mean, total, var, s, 1 / s, r_prime)
+
+
+# -- fast statistics --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FastStats:
+    """Statistics on the fast path. The deviations ``t`` carry an affine error bound,
+    ``|t - t_exact| <= t_alpha |t| + t_beta`` (``t_beta`` per group), which is what makes the
+    forward pass cheap: no error array per element."""
+
+    w: Working
+    mean: Approx | None
+    total: Approx | None
+    var: Approx
+    t_value: np.ndarray
+    t_alpha: float
+    t_beta: np.ndarray
+    r: Approx
+    r_prime: Approx
+
+    @property
+    def t(self) -> Approx:
+        return Approx(self.t_value, self.t_alpha * np.abs(self.t_value) + self.t_beta, self.w)
+
+
+def _approx_z(p: Problem, w: Working) -> Approx:
+    acc: Approx | None = None
+    for coef, arrays in p.finite_terms():
+        term = Approx.exact(arrays[0], w)
+        for a in arrays[1:]:
+            term = term * Approx.exact(a, w)
+        if coef != 1:
+            term = term * _approx_fraction(coef, w)
+        acc = term if acc is None else acc + term
+    assert acc is not None
+    return acc
+
+
+def _approx_fraction(q: Fraction, w: Working) -> Approx:
+    value = float(q)
+    return Approx(value, 0.0 if Fraction(value) == q else abs(value) * w.u, w)
+
+
+def fast_stats(p: Problem, w: Working) -> FastStats:
+    """The statistics on the fast path, computed once per problem and working precision."""
+    if w not in p._fast_stats:
+        p._fast_stats[w] = _fast_stats(p, w)
+    return p._fast_stats[w]
+
+
+def _deviations(p: Problem, w: Working) -> tuple[Approx | None, np.ndarray, float, np.ndarray]:
+    """``(mean, t, alpha, beta)`` with ``|t - t_exact| <= alpha |t| + beta``.
+
+    With ``z`` exact (one float array) and ``m1`` any shift (a rough mean), ``a = fl(z - m1)``
+    has error ``u|a|``; ``c = fl(sum(a)/n)`` then has error
+    ``e_c = (u + c_sum) sum|a| (1 + g_n)/n + u|c| + eta``; and ``t = fl(a - c)`` has error
+    ``u|a| + e_c + u|t| <= (2u + u^2)|t| + u|c| + e_c`` since ``|a| <= (1 + u)|t| + |c|``.
+    Subtracting a rough mean first means a large mean costs nothing, whatever the condition.
+    Other ``z`` (an inexact sum such as ``alpha*x + f``) take the general bound of
+    :class:`~references.fast.Approx`.
+    """
+    u, n = w.u, p.n
+    terms = p.finite_terms()
+    plain = len(terms) == 1 and terms[0][0] == 1 and len(terms[0][1]) == 1
+    if not plain:
+        z = _approx_z(p, w)
+        if p.given is not None:
+            t = z - Approx.exact(np.where(p.bad_groups, 0, p.given[0])[:, None], w)
+            return None, t.v, 0.0, t.e
+        if not p.conv.center:
+            return None, z.v, 0.0, z.e
+        shift = np.asarray(z.v.mean(axis=1, keepdims=True), dtype=w.dtype)
+        a = z - shift
+        c = a.sum(axis=1) / Approx.exact(float(n), w)
+        t = a - c
+        return c + shift, t.v, 0.0, t.e
+    z_values = np.asarray(terms[0][1][0], dtype=w.dtype)
+    zero = np.zeros((p.shape[0], 1), dtype=w.dtype)
+    if p.given is not None:
+        mean = np.where(p.bad_groups, 0, p.given[0])[:, None].astype(w.dtype)
+        return Approx.exact(mean, w), z_values - mean, u, zero
+    if not p.conv.center:
+        return None, z_values, 0.0, zero
+    rough = z_values.mean(axis=1, keepdims=True)
+    shifted = z_values - rough
+    total, magnitude, coefficient = blocked_sum(shifted)
+    assert total is not None
+    assert magnitude is not None
+    correction = total[:, None] / n
+    e_c = (u + coefficient) * magnitude[:, None] * (1 + _gamma(n, u)) / n + u * np.abs(correction)
+    e_c = e_c + w.eta
+    mean = Approx(correction, e_c, w) + rough
+    return mean, shifted - correction, 2 * u + u * u, u * np.abs(correction) + e_c
+
+
+def _fast_stats(p: Problem, w: Working) -> FastStats:
+    conv, u = p.conv, w.u
+    mean, t, alpha, beta = _deviations(p, w)
+    if p.given is not None:
+        var = Approx.exact(np.where(p.bad_groups, 0, p.given[1])[:, None], w)
+        total = None
+    else:
+        # |t^2 - t_exact^2| <= e_t (2|t| + e_t) with e_t = alpha|t| + beta, summed; plus the
+        # rounding of each square (u t^2 + eta) and of the sum.
+        squares = t * t
+        sum_sq, _, coefficient = blocked_sum(squares, magnitude=False)  # squares are >= 0
+        assert sum_sq is not None
+        sum_sq = sum_sq[:, None]
+        sum_abs: Any = 0.0
+        if np.any(beta) and beta.shape[1] == 1:
+            sum_abs = blocked_sum(t, signed=False)[1]
+            sum_abs = sum_abs[:, None]
+        beta_sum = (
+            (beta * beta).sum(axis=1, keepdims=True) if beta.shape[1] > 1 else (p.n * beta * beta)
+        )
+        cross = (
+            2 * (beta * np.abs(t)).sum(axis=1, keepdims=True) * (1 + alpha)
+            if (beta.shape[1] > 1)
+            else 2 * beta * (1 + alpha) * sum_abs
+        )
+        e_total = (2 * alpha + alpha * alpha + u + coefficient) * sum_sq + cross + beta_sum
+        e_total = (e_total + p.n * w.eta) * (1 + _gamma(p.n, u))
+        total = Approx(sum_sq, e_total, w)
+        var = total / Approx.exact(float(max(p.dv, 1)), w)
+    eps = Approx.exact(conv.eps, w)
+    one = Approx.exact(1.0, w)
+    if conv.eps_outside:
+        root = var.sqrt()
+        r = one / (root + eps)
+        r_prime = one / root
+    else:
+        r = one / (var + eps).sqrt()
+        r_prime = r
+    return FastStats(w, mean, total, var, t, alpha, beta, r, r_prime)
+
+
+# -- the forward pass -------------------------------------------------------------------------
+def _effective_weight(p: Problem, w: Working) -> Approx | None:
+    weight = p.elementwise(p.weight)
+    if weight is None:
+        return None
+    approx = Approx.exact(np.where(np.isfinite(weight), weight, 0.0), w)
+    if p.conv.weight_offset:
+        approx = approx + Approx.exact(p.conv.weight_offset, w)
+    return approx
+
+
+def _exact_weight(p: Problem, index: tuple[int, int]) -> Fraction | None:
+    weight = p.elementwise(p.weight)
+    if weight is None:
+        return None
+    return Fraction(float(weight[index])) + Fraction(p.conv.weight_offset)
+
+
+def _nonfinite_affine(p: Problem) -> np.ndarray:
+    bad = np.zeros(p.shape, dtype=bool)
+    for vector in (p.weight, p.bias):
+        element = p.compact(vector)
+        if element is not None:
+            bad |= ~np.isfinite(element)
+    return bad
+
+
+#: Elements per row block on the fast path: small enough that a block's temporaries stay in
+#: cache, large enough to amortise NumPy's per-call overhead.
+BLOCK_ELEMENTS = 1 << 15
+
+
+def by_row_blocks(
+    p: Problem, fast: Callable[[Problem], tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run a row-local fast computation on blocks of rows, in parallel threads (NumPy releases
+    the GIL), and stitch the ``(values, decided)`` results back together."""
+    G, K = p.shape
+    step = max(1, BLOCK_ELEMENTS // max(K, 1))
+    starts = range(0, G, step)
+
+    def run(start: int) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(all="ignore"):  # error state is per thread
+            return fast(p.rows(start, min(start + step, G)))
+
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        parts = list(pool.map(run, starts))
+    return np.concatenate([v for v, _ in parts]), np.concatenate([d for _, d in parts])
+
+
+_WORKERS = max(1, min(os.cpu_count() or 1, 8))
+
+
+def _fast_output(p: Problem, out: Format, w: Working) -> tuple[np.ndarray, np.ndarray]:
+    """``y = t r w + b`` with the affine bound of the deviations carried through:
+
+    ``p = fl(t r)``: ``|p - p*| <= A|t| + B`` with ``A = alpha(|r| + e_r) + e_r + u(1+u)|r|``,
+    ``B = beta(|r| + e_r) + eta``; ``q = fl(p w)`` with ``w`` off by at most ``omega|w|``
+    (``omega = u`` when the offset is added, else 0): ``|q - q*| <= |w|(A'|t| + B') + eta``,
+    ``A' = A(1 + omega) + (omega(1 + u) + u(1 + u)^2)|r|``, ``B' = B(1 + omega)``; and
+    ``y = fl(q + b)`` adds ``u|y|``. The per-group coefficients absorb ``BOUND_SAFETY`` and the
+    ``2u|y|`` that :func:`~references.fast.decide` needs, so no extra pass is spent on them.
+    """
+    st = fast_stats(p, w)
+    u, eta, safety = w.u, w.eta, BOUND_SAFETY
+    r, e_r = st.r.v, st.r.e
+    abs_r = np.abs(r)
+    a_coef = st.t_alpha * (abs_r + e_r) + e_r + u * (1 + u) * abs_r
+    b_coef = st.t_beta * (abs_r + e_r) + eta
+    y = st.t_value * r
+    bound = np.abs(st.t_value)
+    weight = p.compact(p.weight)
+    if weight is None:
+        bound *= a_coef * safety
+        bound += b_coef * safety
+    else:
+        weight = np.asarray(np.where(np.isfinite(weight), weight, 0.0), dtype=w.dtype)
+        omega = 0.0
+        if p.conv.weight_offset:
+            weight = weight + p.conv.weight_offset
+            omega = u
+        a_coef = a_coef * (1 + omega) + (omega * (1 + u) + u * (1 + u) ** 2) * abs_r
+        y *= weight
+        bound *= a_coef * safety
+        bound += b_coef * (1 + omega) * safety
+        bound *= np.abs(weight)
+        bound += eta * safety
+    bias = p.compact(p.bias)
+    if bias is not None:
+        y += np.asarray(np.where(np.isfinite(bias), bias, 0.0), dtype=w.dtype)
+    bound += (u * safety + 2 * u) * np.abs(y)
+    rows_ok = np.isfinite(a_coef) & np.isfinite(b_coef) & np.isfinite(r)
+    if rows_ok.all():
+        # Finite inputs (bad groups are zeroed) and finite coefficients give finite values and
+        # bounds >= eta > 0: the elementwise checks of ``decide`` are redundant.
+        return decide(y, bound, w, out, finite=True)
+    values, decided = decide(y, bound, w, out)
+    decided &= np.broadcast_to(rows_ok.reshape(-1, 1), decided.shape)
+    return values, decided
+
+
+@np.errstate(all="ignore")
+def forward(p: Problem, out: Format, *, fast: bool = True) -> np.ndarray:
+    """The correctly rounded normalised output, ``(G, K)`` float64 values of ``out``.
+
+    ``fast=False`` skips the fast path: every element is computed exactly (for tests)."""
+    G, K = p.shape
+    result = np.full(p.shape, np.nan)
+    decided = np.zeros(p.shape, dtype=bool)
+    w = working_for(out) if fast else None
+    if w is not None and G * K:
+        result, decided = by_row_blocks(p, lambda block: _fast_output(block, out, w))
+    nan = p.bad_groups[:, None] | _nonfinite_affine(p)
+    decided |= nan
+    result[nan] = np.nan
+    for g, k in zip(*np.nonzero(~decided), strict=True):
+        result[g, k] = _exact_output(p, int(g), int(k), out)
+    return result
+
+
+def _exact_output(p: Problem, g: int, k: int, out: Format) -> float:
+    st = p.exact_stats(g)
+    if st.r is None:
+        return float("nan")
+    value = (lincomb_at(p.z, (g, k)) - st.mean) * st.r
+    weight = _exact_weight(p, (g, k))
+    if weight is not None:
+        value = value * weight
+    bias = p.elementwise(p.bias)
+    if bias is not None:
+        value = value + Fraction(float(bias[g, k]))
+    return round_surd(value, out)
+
+
+@np.errstate(all="ignore")
+def statistics(
+    p: Problem, fmt: Format, *, fast: bool = True
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Correctly rounded per-group ``mean`` (None for RMS norms) and ``rstd``."""
+    G = p.shape[0]
+    mean = np.full(G, np.nan) if p.conv.center else None
+    rstd = np.full(G, np.nan)
+    mean_ok = np.zeros(G, dtype=bool)
+    rstd_ok = np.zeros(G, dtype=bool)
+    w = working_for(fmt) if fast else None
+    if w is not None and G and p.n:
+        stats = fast_stats(p, w)
+        if mean is not None and stats.mean is not None:
+            mean, mean_ok = (x.ravel() for x in certify(stats.mean, fmt))
+        rstd, rstd_ok = (x.ravel() for x in certify(stats.r, fmt))
+    bad = p.bad_groups
+    for g in range(G):
+        if bad[g]:
+            rstd[g] = np.nan
+            if mean is not None:
+                mean[g] = np.nan
+            continue
+        st = p.exact_stats(g) if not (rstd_ok[g] and (mean is None or mean_ok[g])) else None
+        if st is not None:
+            rstd[g] = float("inf") if st.r is None else round_surd(st.r, fmt)
+            if mean is not None:
+                mean[g] = round_surd(st.mean, fmt)
+    return mean, rstd
+
+
+def running_update(
+    p: Problem,
+    old: np.ndarray,
+    which: str,
+    momentum: Fraction,
+    keep: Fraction,
+    fmt: Format,
+    members: np.ndarray,
+    *,
+    fast: bool = True,
+) -> np.ndarray:
+    """``keep * old + momentum * stat`` per running entry, correctly rounded.
+
+    ``which`` picks the statistic: "mean", "biased" or "unbiased" variance; entry ``c`` averages
+    it over the groups ``members[c]`` (one group for BatchNorm, the batch for InstanceNorm). An
+    undefined statistic (non-finite input, n - 1 = 0) gives NaN.
+    """
+    divisor = {"mean": 1, "biased": p.n, "unbiased": p.n - 1}[which]
+    entries, pooled = members.shape
+    result, decided = np.full(entries, np.nan), np.zeros(entries, dtype=bool)
+    undefined = p.bad_groups[members].any(axis=1) | ~np.isfinite(old) | (divisor <= 0)
+    w = working_for(fmt) if fast else None
+    if w is not None and entries and pooled and divisor > 0 and p.n:
+        stats = fast_stats(p, w)
+        stat = stats.mean if which == "mean" else stats.total
+        assert stat is not None
+        per_group = Approx(stat.v.ravel()[members], stat.e.ravel()[members], w)
+        average = per_group.sum(axis=1, keepdims=False) / Approx.exact(float(divisor * pooled), w)
+        new = _approx_fraction(keep, w) * Approx.exact(np.where(undefined, 0, old), w) + (
+            _approx_fraction(momentum, w) * average
+        )
+        result, decided = certify(new, fmt)
+    result[undefined] = np.nan
+    for c in np.nonzero(~decided & ~undefined)[0]:
+        total = Fraction(0)
+        for g in members[c]:
+            st = p.exact_stats(int(g))
+            assert st.total is not None
+            total += st.mean if which == "mean" else st.total / divisor
+        value = keep * Fraction(float(old[c])) + momentum * total / pooled
+        result[c] = round_surd(value, fmt)
+    return result
