@@ -100,24 +100,30 @@ class Problem:
         return vector[self.widx]
 
     @functools.cached_property
-    def bad_groups(self) -> np.ndarray:
-        """Groups whose result is NaN by definition: a non-finite value, or n - 1 = 0 unbiased."""
+    def nonfinite_groups(self) -> np.ndarray:
+        """Groups holding a NaN or infinity (in ``z`` or in given statistics)."""
         bad = np.zeros(self.shape[0], dtype=bool)
         for _, arrays in self.z:
             for a in arrays:
                 finite = np.broadcast_to(np.isfinite(a), self.shape)
                 bad |= ~finite.all(axis=1)
-        if self.given is None and self.dv <= 0:
-            bad[:] = True
         if self.given is not None:
             bad |= ~np.isfinite(self.given[0]) | ~np.isfinite(self.given[1])
         return bad
 
+    @functools.cached_property
+    def bad_groups(self) -> np.ndarray:
+        """Groups whose normalised output is NaN by definition: a non-finite value, or an
+        undefined variance (n - 1 = 0 with the unbiased estimator). Their mean may exist."""
+        if self.given is None and self.dv <= 0:
+            return np.ones(self.shape[0], dtype=bool)
+        return self.nonfinite_groups
+
     def finite_terms(self) -> list[tuple[Fraction, tuple[np.ndarray, ...]]]:
         """``z`` with the non-finite groups zeroed, so that the fast path stays finite."""
-        if not self.bad_groups.any():
+        if not self.nonfinite_groups.any():
             return self.z
-        bad = self.bad_groups[:, None]
+        bad = self.nonfinite_groups[:, None]
         return [
             (c, tuple(np.where(bad, 0.0, np.broadcast_to(a, self.shape)) for a in arrays))
             for c, arrays in self.z
@@ -174,6 +180,8 @@ def _exact_group_stats(p: Problem, g: int) -> GroupStats:
         s2 = lincomb_sum(lincomb_product(row, row))
         mean = s1 / p.n if conv.center else Fraction(0)
         total = s2 - s1 * s1 / p.n if conv.center else s2
+        if p.dv <= 0:
+            return GroupStats(mean, total, None, None, None, None)
         var = total / p.dv
     if conv.eps_outside:
         root = Surd.sqrt(var)
@@ -223,8 +231,15 @@ def _approx_z(p: Problem, w: Working) -> Approx:
 
 
 def _approx_fraction(q: Fraction, w: Working) -> Approx:
-    value = float(q)
-    return Approx(value, 0.0 if Fraction(value) == q else abs(value) * w.u, w)
+    """A rational in the working precision, with the exact size of its representation error
+    (rounded up): a float64 head plus tail, summed in ``w.dtype``."""
+    head = float(q)
+    value = w.dtype(head) + w.dtype(float(q - Fraction(head)))
+    error = abs(q - Fraction(*value.as_integer_ratio()))
+    if not error:
+        return Approx.exact(value, w)
+    bound = float(error) * (1 + 2.0**-50) + float(np.finfo(np.float64).smallest_subnormal)
+    return Approx(value, bound, w)
 
 
 def fast_stats(p: Problem, w: Working) -> FastStats:
@@ -251,7 +266,7 @@ def _deviations(p: Problem, w: Working) -> tuple[Approx | None, np.ndarray, floa
     if not plain:
         z = _approx_z(p, w)
         if p.given is not None:
-            t = z - Approx.exact(np.where(p.bad_groups, 0, p.given[0])[:, None], w)
+            t = z - Approx.exact(np.where(p.nonfinite_groups, 0, p.given[0])[:, None], w)
             return None, t.v, 0.0, t.e
         if not p.conv.center:
             return None, z.v, 0.0, z.e
@@ -263,7 +278,7 @@ def _deviations(p: Problem, w: Working) -> tuple[Approx | None, np.ndarray, floa
     z_values = np.asarray(terms[0][1][0], dtype=w.dtype)
     zero = np.zeros((p.shape[0], 1), dtype=w.dtype)
     if p.given is not None:
-        mean = np.where(p.bad_groups, 0, p.given[0])[:, None].astype(w.dtype)
+        mean = np.where(p.nonfinite_groups, 0, p.given[0])[:, None].astype(w.dtype)
         return Approx.exact(mean, w), z_values - mean, u, zero
     if not p.conv.center:
         return None, z_values, 0.0, zero
@@ -283,7 +298,7 @@ def _fast_stats(p: Problem, w: Working) -> FastStats:
     conv, u = p.conv, w.u
     mean, t, alpha, beta = _deviations(p, w)
     if p.given is not None:
-        var = Approx.exact(np.where(p.bad_groups, 0, p.given[1])[:, None], w)
+        var = Approx.exact(np.where(p.nonfinite_groups, 0, p.given[1])[:, None], w)
         total = None
     else:
         # |t^2 - t_exact^2| <= e_t (2|t| + e_t) with e_t = alpha|t| + beta, summed; plus the
@@ -411,7 +426,7 @@ def _fast_output(p: Problem, out: Format, w: Working) -> tuple[np.ndarray, np.nd
     if bias is not None:
         y += np.asarray(np.where(np.isfinite(bias), bias, 0.0), dtype=w.dtype)
     bound += (u * safety + 2 * u) * np.abs(y)
-    rows_ok = np.isfinite(a_coef) & np.isfinite(b_coef) & np.isfinite(r)
+    rows_ok = np.isfinite(a_coef + b_coef + r).all(axis=-1)
     if rows_ok.all():
         # Finite inputs (bad groups are zeroed) and finite coefficients give finite values and
         # bounds >= eta > 0: the elementwise checks of ``decide`` are redundant.
@@ -470,18 +485,23 @@ def statistics(
         if mean is not None and stats.mean is not None:
             mean, mean_ok = (x.ravel() for x in certify(stats.mean, fmt))
         rstd, rstd_ok = (x.ravel() for x in certify(stats.r, fmt))
-    bad = p.bad_groups
+    nonfinite = p.nonfinite_groups
+    undefined = p.bad_groups & ~nonfinite  # the variance is undefined, the mean is not
     for g in range(G):
-        if bad[g]:
+        if nonfinite[g]:
             rstd[g] = np.nan
             if mean is not None:
                 mean[g] = np.nan
             continue
-        st = p.exact_stats(g) if not (rstd_ok[g] and (mean is None or mean_ok[g])) else None
-        if st is not None:
+        if undefined[g]:
+            rstd[g], rstd_ok[g] = np.nan, True
+        if rstd_ok[g] and (mean is None or mean_ok[g]):
+            continue
+        st = p.exact_stats(g)
+        if not rstd_ok[g]:
             rstd[g] = float("inf") if st.r is None else round_surd(st.r, fmt)
-            if mean is not None:
-                mean[g] = round_surd(st.mean, fmt)
+        if mean is not None and not mean_ok[g]:
+            mean[g] = round_surd(st.mean, fmt)
     return mean, rstd
 
 
@@ -505,7 +525,7 @@ def running_update(
     divisor = {"mean": 1, "biased": p.n, "unbiased": p.n - 1}[which]
     entries, pooled = members.shape
     result, decided = np.full(entries, np.nan), np.zeros(entries, dtype=bool)
-    undefined = p.bad_groups[members].any(axis=1) | ~np.isfinite(old) | (divisor <= 0)
+    undefined = p.nonfinite_groups[members].any(axis=1) | ~np.isfinite(old) | (divisor <= 0)
     w = working_for(fmt) if fast else None
     if w is not None and entries and pooled and divisor > 0 and p.n:
         stats = fast_stats(p, w)
