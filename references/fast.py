@@ -166,7 +166,7 @@ def _sum_by_sorting(a: Approx, index: np.ndarray, count: int) -> Approx:
 
 
 def blocked_sum(
-    values: np.ndarray, *, signed: bool = True, magnitude: bool = True
+    values: np.ndarray, *, signed: bool = True, magnitude: bool = True, nonnegative: bool = False
 ) -> tuple[np.ndarray | None, np.ndarray | None, float]:
     """Sum the last axis in two levels; returns ``(sum, sum of |values|, c)``, either sum None
     when not asked for (``signed``/``magnitude``).
@@ -184,8 +184,11 @@ def blocked_sum(
         pad = np.zeros((*values.shape[:-1], blocks * block - n), values.dtype)
         values = np.concatenate([values, pad], axis=-1)
     shaped = values.reshape(*values.shape[:-1], blocks, block)
-    total = shaped.sum(axis=-1).sum(axis=-1) if signed else None
-    absolute = np.abs(shaped).sum(axis=-1).sum(axis=-1) if magnitude else None
+    total = shaped.sum(axis=-1).sum(axis=-1) if signed or nonnegative else None
+    if nonnegative:  # the caller knows values >= 0: the sum is its own magnitude
+        absolute = total
+    else:
+        absolute = np.abs(shaped).sum(axis=-1).sum(axis=-1) if magnitude else None
     inner, outer = _gamma(block - 1, u), _gamma(max(blocks - 1, 0), u)
     return total, absolute, inner + outer * (1 + inner)
 

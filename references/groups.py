@@ -39,6 +39,8 @@ import numpy as np
 from references.exact import LinComb, Surd, lincomb_at, lincomb_product, lincomb_sum, round_surd
 from references.fast import (
     BOUND_SAFETY,
+    FLOAT64_WORKING,
+    LONG_DOUBLE_WORKING,
     Approx,
     Working,
     _gamma,
@@ -129,19 +131,18 @@ class Problem:
             for c, arrays in self.z
         ]
 
-    def rows(self, start: int, stop: int) -> Problem:
-        """The sub-problem of groups ``start..stop`` (the fast path runs on row blocks)."""
+    def rows(self, which: slice | np.ndarray) -> Problem:
+        """The sub-problem of the groups ``which`` selects (a slice or an index array)."""
         G = self.shape[0]
 
         def cut(a: np.ndarray) -> np.ndarray:
-            return a[start:stop] if a.ndim == 2 and a.shape[0] == G else a
+            return a[which] if a.ndim == 2 and a.shape[0] == G else a
 
-        given = (
-            None if self.given is None else (self.given[0][start:stop], self.given[1][start:stop])
-        )
+        given = None if self.given is None else (self.given[0][which], self.given[1][which])
+        count = len(range(G)[which]) if isinstance(which, slice) else len(which)
         return Problem(
             z=[(c, tuple(cut(a) for a in arrays)) for c, arrays in self.z],
-            shape=(stop - start, self.shape[1]),
+            shape=(count, self.shape[1]),
             conv=self.conv,
             weight=self.weight,
             bias=self.bias,
@@ -211,6 +212,7 @@ class FastStats:
     t_beta: np.ndarray
     r: Approx
     r_prime: Approx
+    t_abs: np.ndarray | None = None  # |t|, kept when the statistics needed it anyway
 
     @property
     def t(self) -> Approx:
@@ -297,6 +299,7 @@ def _deviations(p: Problem, w: Working) -> tuple[Approx | None, np.ndarray, floa
 def _fast_stats(p: Problem, w: Working) -> FastStats:
     conv, u = p.conv, w.u
     mean, t, alpha, beta = _deviations(p, w)
+    t_abs = None
     if p.given is not None:
         var = Approx.exact(np.where(p.nonfinite_groups, 0, p.given[1])[:, None], w)
         total = None
@@ -304,12 +307,14 @@ def _fast_stats(p: Problem, w: Working) -> FastStats:
         # |t^2 - t_exact^2| <= e_t (2|t| + e_t) with e_t = alpha|t| + beta, summed; plus the
         # rounding of each square (u t^2 + eta) and of the sum.
         squares = t * t
-        sum_sq, _, coefficient = blocked_sum(squares, magnitude=False)  # squares are >= 0
+        sum_sq, _, coefficient = blocked_sum(squares, magnitude=False, nonnegative=True)
         assert sum_sq is not None
         sum_sq = sum_sq[:, None]
         sum_abs: Any = 0.0
+        t_abs = None
         if np.any(beta) and beta.shape[1] == 1:
-            sum_abs = blocked_sum(t, signed=False)[1]
+            t_abs = np.abs(t)
+            sum_abs = blocked_sum(t_abs, signed=False, magnitude=False, nonnegative=True)[0]
             sum_abs = sum_abs[:, None]
         beta_sum = (
             (beta * beta).sum(axis=1, keepdims=True) if beta.shape[1] > 1 else (p.n * beta * beta)
@@ -332,7 +337,7 @@ def _fast_stats(p: Problem, w: Working) -> FastStats:
     else:
         r = one / (var + eps).sqrt()
         r_prime = r
-    return FastStats(w, mean, total, var, t, alpha, beta, r, r_prime)
+    return FastStats(w, mean, total, var, t, alpha, beta, r, r_prime, t_abs)
 
 
 # -- the forward pass -------------------------------------------------------------------------
@@ -353,42 +358,55 @@ def _exact_weight(p: Problem, index: tuple[int, int]) -> Fraction | None:
     return Fraction(float(weight[index])) + Fraction(p.conv.weight_offset)
 
 
-def _nonfinite_affine(p: Problem) -> np.ndarray:
-    bad = np.zeros(p.shape, dtype=bool)
+def _nan_outputs(p: Problem) -> np.ndarray | None:
+    """Where the output is NaN by definition (bad groups, non-finite weight or bias), in a shape
+    that broadcasts to ``(G, K)``; None when nowhere."""
+    bad: np.ndarray = p.bad_groups[:, None]
     for vector in (p.weight, p.bias):
         element = p.compact(vector)
-        if element is not None:
-            bad |= ~np.isfinite(element)
-    return bad
+        if element is not None and not np.isfinite(element).all():
+            bad = bad | ~np.isfinite(element)
+    return bad if bad.any() else None
 
 
 #: Elements per row block on the fast path: small enough that a block's temporaries stay in
 #: cache, large enough to amortise NumPy's per-call overhead.
-BLOCK_ELEMENTS = 1 << 15
+BLOCK_ELEMENTS = 1 << 16
 
 
 def by_row_blocks(
     p: Problem, fast: Callable[[Problem], tuple[np.ndarray, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run a row-local fast computation on blocks of rows, in parallel threads (NumPy releases
-    the GIL), and stitch the ``(values, decided)`` results back together."""
+    the GIL), each writing its ``(values, decided)`` into the shared ``(G, K)`` results."""
     G, K = p.shape
     step = max(1, BLOCK_ELEMENTS // max(K, 1))
-    starts = range(0, G, step)
+    values, decided = np.empty(p.shape), np.empty(p.shape, dtype=bool)
 
-    def run(start: int) -> tuple[np.ndarray, np.ndarray]:
+    def run(start: int) -> None:
+        block = slice(start, min(start + step, G))
         with np.errstate(all="ignore"):  # error state is per thread
-            return fast(p.rows(start, min(start + step, G)))
+            values[block], decided[block] = fast(p.rows(block))
 
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        parts = list(pool.map(run, starts))
-    return np.concatenate([v for v, _ in parts]), np.concatenate([d for _, d in parts])
+        list(pool.map(run, range(0, G, step)))
+    return values, decided
+
+
+def undecided(decided: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero(~decided)`` for a mostly-true ``(G, K)`` mask, looking only at the rows
+    that hold a False."""
+    rows = np.flatnonzero(~decided.all(axis=1))
+    local, cols = np.nonzero(~decided[rows])
+    return rows[local], cols
 
 
 _WORKERS = max(1, min(os.cpu_count() or 1, 8))
 
 
-def _fast_output(p: Problem, out: Format, w: Working) -> tuple[np.ndarray, np.ndarray]:
+def _fast_output(
+    p: Problem, out: Format, w: Working, at: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``y = t r w + b`` with the affine bound of the deviations carried through:
 
     ``p = fl(t r)``: ``|p - p*| <= A|t| + B`` with ``A = alpha(|r| + e_r) + e_r + u(1+u)|r|``,
@@ -397,19 +415,26 @@ def _fast_output(p: Problem, out: Format, w: Working) -> tuple[np.ndarray, np.nd
     ``A' = A(1 + omega) + (omega(1 + u) + u(1 + u)^2)|r|``, ``B' = B(1 + omega)``; and
     ``y = fl(q + b)`` adds ``u|y|``. The per-group coefficients absorb ``BOUND_SAFETY`` and the
     ``2u|y|`` that :func:`~references.fast.decide` needs, so no extra pass is spent on them.
+
+    ``at = (rows, cols)`` evaluates those elements only (1-D results); else the whole ``(G, K)``.
     """
+
+    def pick(array: np.ndarray) -> np.ndarray:
+        return array if at is None else np.broadcast_to(array, p.shape)[at]
+
     st = fast_stats(p, w)
     u, eta, safety = w.u, w.eta, BOUND_SAFETY
     r, e_r = st.r.v, st.r.e
     abs_r = np.abs(r)
     a_coef = st.t_alpha * (abs_r + e_r) + e_r + u * (1 + u) * abs_r
     b_coef = st.t_beta * (abs_r + e_r) + eta
-    y = st.t_value * r
-    bound = np.abs(st.t_value)
+    t = pick(st.t_value)
+    y = t * pick(r)
+    bound = np.abs(t) if st.t_abs is None else pick(st.t_abs).copy()
     weight = p.compact(p.weight)
     if weight is None:
-        bound *= a_coef * safety
-        bound += b_coef * safety
+        bound *= pick(a_coef * safety)
+        bound += pick(b_coef * safety)
     else:
         weight = np.asarray(np.where(np.isfinite(weight), weight, 0.0), dtype=w.dtype)
         omega = 0.0
@@ -417,22 +442,29 @@ def _fast_output(p: Problem, out: Format, w: Working) -> tuple[np.ndarray, np.nd
             weight = weight + p.conv.weight_offset
             omega = u
         a_coef = a_coef * (1 + omega) + (omega * (1 + u) + u * (1 + u) ** 2) * abs_r
-        y *= weight
-        bound *= a_coef * safety
-        bound += b_coef * (1 + omega) * safety
-        bound *= np.abs(weight)
-        bound += eta * safety
+        # The underflow term eta of q = fl(p w) is needed only where w != 0, where it is at
+        # most |w| * eta / min|w != 0|: folded into B'.
+        abs_weight = np.abs(weight)
+        nonzero = abs_weight[abs_weight > 0]
+        b_coef = b_coef * (1 + omega) + (eta / nonzero.min() if nonzero.size else 0.0)
+        y *= pick(weight)
+        bound *= pick(a_coef * safety)
+        bound += pick(b_coef * safety)
+        bound *= pick(abs_weight)
     bias = p.compact(p.bias)
     if bias is not None:
-        y += np.asarray(np.where(np.isfinite(bias), bias, 0.0), dtype=w.dtype)
+        y += pick(np.asarray(np.where(np.isfinite(bias), bias, 0.0), dtype=w.dtype))
     bound += (u * safety + 2 * u) * np.abs(y)
-    rows_ok = np.isfinite(a_coef + b_coef + r).all(axis=-1)
-    if rows_ok.all():
+    coefficients_ok = np.isfinite(a_coef + b_coef + r)
+    if coefficients_ok.all():
         # Finite inputs (bad groups are zeroed) and finite coefficients give finite values and
         # bounds >= eta > 0: the elementwise checks of ``decide`` are redundant.
         return decide(y, bound, w, out, finite=True)
     values, decided = decide(y, bound, w, out)
-    decided &= np.broadcast_to(rows_ok.reshape(-1, 1), decided.shape)
+    if at is None:
+        decided &= np.broadcast_to(coefficients_ok.all(axis=-1, keepdims=True), decided.shape)
+    else:
+        decided &= pick(coefficients_ok)
     return values, decided
 
 
@@ -442,15 +474,27 @@ def forward(p: Problem, out: Format, *, fast: bool = True) -> np.ndarray:
 
     ``fast=False`` skips the fast path: every element is computed exactly (for tests)."""
     G, K = p.shape
-    result = np.full(p.shape, np.nan)
-    decided = np.zeros(p.shape, dtype=bool)
     w = working_for(out) if fast else None
     if w is not None and G * K:
         result, decided = by_row_blocks(p, lambda block: _fast_output(block, out, w))
-    nan = p.bad_groups[:, None] | _nonfinite_affine(p)
-    decided |= nan
-    result[nan] = np.nan
-    for g, k in zip(*np.nonzero(~decided), strict=True):
+    else:
+        result, decided = np.full(p.shape, np.nan), np.zeros(p.shape, dtype=bool)
+    nan = _nan_outputs(p)
+    if nan is not None:
+        nan = np.broadcast_to(nan, p.shape)
+        decided |= nan
+        result[nan] = np.nan
+    rows, cols = undecided(decided)
+    if w is FLOAT64_WORKING and LONG_DOUBLE_WORKING.u < w.u and rows.size:
+        # Ziv's second step before the exact path: redo the undecided elements in long double,
+        # whose bound is ~2**11 times tighter (their groups' statistics included).
+        groups_used, local = np.unique(rows, return_inverse=True)
+        again, again_decided = _fast_output(
+            p.rows(groups_used), out, LONG_DOUBLE_WORKING, at=(local, cols)
+        )
+        result[rows[again_decided], cols[again_decided]] = again[again_decided]
+        rows, cols = rows[~again_decided], cols[~again_decided]
+    for g, k in zip(rows, cols, strict=True):
         result[g, k] = _exact_output(p, int(g), int(k), out)
     return result
 
@@ -459,11 +503,11 @@ def _exact_output(p: Problem, g: int, k: int, out: Format) -> float:
     st = p.exact_stats(g)
     if st.r is None:
         return float("nan")
-    value = (lincomb_at(p.z, (g, k)) - st.mean) * st.r
     weight = _exact_weight(p, (g, k))
+    bias = p.elementwise(p.bias)
+    value = (lincomb_at(p.z, (g, k)) - st.mean) * st.r
     if weight is not None:
         value = value * weight
-    bias = p.elementwise(p.bias)
     if bias is not None:
         value = value + Fraction(float(bias[g, k]))
     return round_surd(value, out)
