@@ -193,6 +193,38 @@ def blocked_sum(
     return total, absolute, inner + outer * (1 + inner)
 
 
+def cascaded_sum(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """An almost exact sum of the last axis; same contract as :func:`blocked_sum`.
+
+    Pairwise, level by level, with Knuth's error-free TwoSum: ``s = fl(a + b)`` and the exact
+    ``e = (a + b) - s``. The exact sum is ``s_final + sum(all e)``; the ``e`` are at most
+    ``u |s|`` each, so adding them with :func:`blocked_sum` (coefficient ``c``) errs by at most
+    ``c u L sum|v|`` over ``L`` levels, and the final addition by ``u`` of the result:
+    ``coefficient = u(1 + 2 c L)`` covers both. Used where the working precision is only a few
+    bits wider than the target (long double for float64 outputs), so every bit of the sum counts.
+    """
+    n = values.shape[-1]
+    u = 2.0 ** -(np.finfo(values.dtype).nmant + 1)
+    magnitude = blocked_sum(values, signed=False)[1]
+    errors: list[np.ndarray] = []
+    level = values
+    while level.shape[-1] > 1:
+        if level.shape[-1] % 2:
+            level = np.concatenate([level, np.zeros_like(level[..., :1])], axis=-1)
+        a, b = level[..., 0::2], level[..., 1::2]
+        s = a + b
+        b_virtual = s - a
+        errors.append((a - (s - b_virtual)) + (b - b_virtual))
+        level = s
+    head = level[..., 0] if n else np.zeros(values.shape[:-1], values.dtype)
+    if not errors:
+        return head, magnitude, 0.0  # type: ignore[return-value]
+    tails = np.concatenate(errors, axis=-1)
+    tail, _, c = blocked_sum(tails, magnitude=False)
+    assert tail is not None
+    return head + tail, magnitude, u * (1 + 2 * c * len(errors))  # type: ignore[return-value]
+
+
 def _block_length(n: int) -> int:
     """A block length near sqrt(n), preferring a divisor of n (no padding copy)."""
     root = math.isqrt(max(n - 1, 0)) + 1

@@ -45,6 +45,7 @@ from references.fast import (
     Working,
     _gamma,
     blocked_sum,
+    cascaded_sum,
     certify,
     decide,
     working_for,
@@ -244,6 +245,16 @@ def _approx_fraction(q: Fraction, w: Working) -> Approx:
     return Approx(value, bound, w)
 
 
+def _row_sum(
+    values: np.ndarray, w: Working, *, nonnegative: bool = False
+) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+    """Row sums for the statistics: blocked (~2 sqrt(n) u) in float64, where the targets are
+    narrow; cascaded with error-free TwoSum (~u) in long double, where every bit counts."""
+    if w is LONG_DOUBLE_WORKING:
+        return cascaded_sum(values)
+    return blocked_sum(values, nonnegative=nonnegative, magnitude=not nonnegative)
+
+
 def fast_stats(p: Problem, w: Working) -> FastStats:
     """The statistics on the fast path, computed once per problem and working precision."""
     if w not in p._fast_stats:
@@ -286,7 +297,7 @@ def _deviations(p: Problem, w: Working) -> tuple[Approx | None, np.ndarray, floa
         return None, z_values, 0.0, zero
     rough = z_values.mean(axis=1, keepdims=True)
     shifted = z_values - rough
-    total, magnitude, coefficient = blocked_sum(shifted)
+    total, magnitude, coefficient = _row_sum(shifted, w)
     assert total is not None
     assert magnitude is not None
     correction = total[:, None] / n
@@ -307,7 +318,7 @@ def _fast_stats(p: Problem, w: Working) -> FastStats:
         # |t^2 - t_exact^2| <= e_t (2|t| + e_t) with e_t = alpha|t| + beta, summed; plus the
         # rounding of each square (u t^2 + eta) and of the sum.
         squares = t * t
-        sum_sq, _, coefficient = blocked_sum(squares, magnitude=False, nonnegative=True)
+        sum_sq, _, coefficient = _row_sum(squares, w, nonnegative=True)
         assert sum_sq is not None
         sum_sq = sum_sq[:, None]
         sum_abs: Any = 0.0
