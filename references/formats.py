@@ -17,6 +17,7 @@ Two rounding entry points, both exact:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -140,7 +141,7 @@ def round_fraction(value: Fraction, fmt: Format) -> float:
     q, rem = divmod(scaled_num, scaled_den)
     if 2 * rem > scaled_den or (2 * rem == scaled_den and q & 1):
         q += 1
-    result = Fraction(q) * Fraction(2) ** quantum
-    if result > Fraction(fmt.max_finite):
+    # q * 2**quantum with q <= 2**p: past the largest finite value only by reaching 2**(emax+1).
+    if q.bit_length() + quantum > fmt.emax + 1:
         return sign * float("inf")
-    return sign * float(result)
+    return sign * math.ldexp(q, quantum)  # exact: q has at most p bits

@@ -362,11 +362,19 @@ def _effective_weight(p: Problem, w: Working) -> Approx | None:
     return approx
 
 
+def _at(p: Problem, vector: np.ndarray | None, g: int, k: int) -> float | None:
+    """One element's value of a per-weight vector (bias, weight), or None."""
+    compact = p.compact(vector)
+    if compact is None:
+        return None
+    return float(compact[g if compact.shape[0] > 1 else 0, k if compact.shape[1] > 1 else 0])
+
+
 def _exact_weight(p: Problem, index: tuple[int, int]) -> Fraction | None:
-    weight = p.elementwise(p.weight)
+    weight = _at(p, p.weight, *index)
     if weight is None:
         return None
-    return Fraction(float(weight[index])) + Fraction(p.conv.weight_offset)
+    return Fraction(weight) + Fraction(p.conv.weight_offset)
 
 
 def _nan_outputs(p: Problem) -> np.ndarray | None:
@@ -515,12 +523,12 @@ def _exact_output(p: Problem, g: int, k: int, out: Format) -> float:
     if st.r is None:
         return float("nan")
     weight = _exact_weight(p, (g, k))
-    bias = p.elementwise(p.bias)
+    bias = _at(p, p.bias, g, k)
     value = (lincomb_at(p.z, (g, k)) - st.mean) * st.r
     if weight is not None:
         value = value * weight
     if bias is not None:
-        value = value + Fraction(float(bias[g, k]))
+        value = value + Fraction(bias)
     return round_surd(value, out)
 
 
