@@ -5,6 +5,17 @@ once (to nearest, ties to even) into the output dtype. See :mod:`references.norm
 :mod:`references.gradients`, :mod:`references.conventions` and :mod:`references.presets`.
 """
 
+from references.gradients import (
+    Gradients,
+    batch_norm_backward,
+    deep_norm_backward,
+    fused_add_layer_norm_backward,
+    fused_add_rms_norm_backward,
+    group_norm_backward,
+    instance_norm_backward,
+    layer_norm_backward,
+    rms_norm_backward,
+)
 from references.norms import (
     NormOutput,
     batch_norm,
@@ -18,13 +29,22 @@ from references.norms import (
 )
 
 __all__ = [
+    "Gradients",
     "NormOutput",
     "batch_norm",
+    "batch_norm_backward",
     "deep_norm",
+    "deep_norm_backward",
     "fused_add_layer_norm",
+    "fused_add_layer_norm_backward",
     "fused_add_rms_norm",
+    "fused_add_rms_norm_backward",
     "group_norm",
+    "group_norm_backward",
     "instance_norm",
+    "instance_norm_backward",
     "layer_norm",
+    "layer_norm_backward",
     "rms_norm",
+    "rms_norm_backward",
 ]
