@@ -14,16 +14,7 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 from references import backprop, groups, layouts
-from references.conventions import convention, rms_norm_default_eps
-from references.norms import (
-    _given,
-    add_operands,
-    affine,
-    normalised_sum,
-    output_format,
-    plain,
-    problem,
-)
+from references.norms import Setup, Summand, given_statistics, output_format, setup
 from references.tensors import Operand, answer, operand
 
 
@@ -37,33 +28,40 @@ class Gradients(NamedTuple):
     sublayer_output: Any = None
 
 
-def _grad_operand(grad_output: Any, x: Operand) -> Operand:
-    g = operand(grad_output, "grad_output")
+def _grad_operand(grad: Any, x: Operand, name: str = "grad_output") -> Operand:
+    g = operand(grad, name)
     if g.shape != x.shape:
-        raise ValueError(f"grad_output has shape {list(g.shape)}, expected {list(x.shape)}")
+        raise ValueError(f"{name} has shape {list(g.shape)}, expected {list(x.shape)}")
     return g
 
 
 def _backward(
+    s: Setup,
     p: groups.Problem,
-    layout: layouts.Layout,
-    grad: Operand,
-    x: Operand,
-    w: Operand | None,
-    b: Operand | None,
+    grad_output: Any,
     out_dtype: object,
+    *,
+    target: Operand | None = None,
     scale: Fraction = Fraction(1),
-    addend: Operand | None = None,
+    addend: Any = None,
+    affine: bool = True,
 ) -> Gradients:
-    g = layout.to_groups(grad.values)
-    fmt = output_format(out_dtype, x)
-    extra = None if addend is None else layout.to_groups(addend.values)
+    """Gradients of ``z`` (scaled by ``scale``, plus ``addend``, rounded into ``target``'s
+    dtype) and, when ``affine``, of the weight and bias."""
+    target = s.x if target is None else target
+    layout = s.layout
+    g = layout.to_groups(_grad_operand(grad_output, s.x).values)
+    extra = None
+    if addend is not None:
+        extra = layout.to_groups(_grad_operand(addend, s.x, "grad_residual_out").values)
+    fmt = output_format(out_dtype, target)
     dz = backprop.grad_input(p, g, fmt, scale=scale, addend=extra)
+    w, b = (s.weight, s.bias) if affine else (None, None)
     dw, db = backprop.grad_affine(
         p, g, layout.weights, None if w is None else w.fmt, None if b is None else b.fmt
     )
     return Gradients(
-        input=answer(layout.from_groups(dz), fmt, x),
+        input=answer(layout.from_groups(dz), fmt, target),
         weight=None if dw is None or w is None else answer(dw.reshape(w.shape), w.fmt, w),
         bias=None if db is None or b is None else answer(db.reshape(b.shape), b.fmt, b),
     )
@@ -83,18 +81,18 @@ def layer_norm_backward(
     out_dtype: object = None,
 ) -> Gradients:
     """Gradients of :func:`references.norms.layer_norm`: input, weight, bias."""
-    x = operand(input, "input")
-    layout = layouts.trailing(x.shape, normalized_shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.trailing(shape, normalized_shape),
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    p = problem(plain(x, layout), layout, conv, w, b)
-    return _backward(p, layout, _grad_operand(grad_output, x), x, w, b, out_dtype)
+    return _backward(s, s.problem(), grad_output, out_dtype)
 
 
 def rms_norm_backward(
@@ -110,18 +108,18 @@ def rms_norm_backward(
     out_dtype: object = None,
 ) -> Gradients:
     """Gradients of :func:`references.norms.rms_norm`: input, weight."""
-    x = operand(input, "input")
-    layout = layouts.trailing(x.shape, normalized_shape)
-    w, _ = affine(weight, None, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.trailing(shape, normalized_shape),
+        weight,
+        None,
+        eps,
         center=False,
         variance=variance,
-        eps=rms_norm_default_eps(x.fmt) if eps is None else eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    p = problem(plain(x, layout), layout, conv, w, None)
-    return _backward(p, layout, _grad_operand(grad_output, x), x, w, None, out_dtype)
+    return _backward(s, s.problem(), grad_output, out_dtype)
 
 
 def group_norm_backward(
@@ -138,18 +136,18 @@ def group_norm_backward(
     out_dtype: object = None,
 ) -> Gradients:
     """Gradients of :func:`references.norms.group_norm`: input, weight, bias."""
-    x = operand(input, "input")
-    layout = layouts.grouped(x.shape, num_groups)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.grouped(shape, num_groups),
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    p = problem(plain(x, layout), layout, conv, w, b)
-    return _backward(p, layout, _grad_operand(grad_output, x), x, w, b, out_dtype)
+    return _backward(s, s.problem(), grad_output, out_dtype)
 
 
 def batch_norm_backward(
@@ -169,19 +167,20 @@ def batch_norm_backward(
 ) -> Gradients:
     """Gradients of :func:`references.norms.batch_norm` (batch statistics when ``training``,
     else the running statistics, which are constants); running stats are not modified."""
-    x = operand(input, "input")
-    layout = layouts.per_channel(x.shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        layouts.per_channel,
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    given = None if training else _given(running_mean, running_var, layout.groups, 1)
-    p = problem(plain(x, layout), layout, conv, w, b, given)
-    return _backward(p, layout, _grad_operand(grad_output, x), x, w, b, out_dtype)
+    channels = s.layout.groups
+    given = None if training else given_statistics(running_mean, running_var, channels, 1)
+    return _backward(s, s.problem(given), grad_output, out_dtype)
 
 
 def instance_norm_backward(
@@ -200,21 +199,20 @@ def instance_norm_backward(
     out_dtype: object = None,
 ) -> Gradients:
     """Gradients of :func:`references.norms.instance_norm`."""
-    x = operand(input, "input")
-    layout = layouts.per_instance(x.shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        layouts.per_instance,
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    given = None
-    if not use_input_stats:
-        given = _given(running_mean, running_var, x.shape[1], x.shape[0])
-    p = problem(plain(x, layout), layout, conv, w, b, given)
-    return _backward(p, layout, _grad_operand(grad_output, x), x, w, b, out_dtype)
+    n, c = s.x.shape[0], s.x.shape[1]
+    given = None if use_input_stats else given_statistics(running_mean, running_var, c, n)
+    return _backward(s, s.problem(given), grad_output, out_dtype)
 
 
 def deep_norm_backward(
@@ -235,22 +233,21 @@ def deep_norm_backward(
 ) -> Gradients:
     """Gradients of :func:`references.norms.deep_norm`: ``input`` gets ``alpha * dz``,
     ``sublayer_output`` gets ``dz``."""
-    x = operand(input, "input")
-    f, scale = add_operands(x, sublayer_output, "sublayer_output", alpha, "scales input")
-    layout = layouts.trailing(x.shape, normalized_shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.trailing(shape, normalized_shape),
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
+        summand=Summand(sublayer_output, "sublayer_output", alpha, True, add_rounding),
     )
-    z, _ = normalised_sum(x, scale, f, Fraction(1), layout, add_rounding)
-    p = problem(z, layout, conv, w, b)
-    grad = _grad_operand(grad_output, x)
-    base = _backward(p, layout, grad, f, w, b, out_dtype)
-    scaled = _backward(p, layout, grad, x, None, None, out_dtype, scale=scale)
+    p = s.problem()
+    base = _backward(s, p, grad_output, out_dtype, target=s.other)
+    scaled = _backward(s, p, grad_output, out_dtype, scale=s.scales[0], affine=False)
     return base._replace(input=scaled.input, sublayer_output=base.input)
 
 
@@ -262,32 +259,39 @@ def _fused_add_backward(
     normalized_shape: int | Sequence[int],
     weight: Any,
     bias: Any,
-    eps: float,
-    alpha: float,
+    eps: float | None,
     center: bool,
+    alpha: float,
     variance: str,
     eps_placement: str,
     weight_offset: float,
     add_rounding: str,
     out_dtype: object,
 ) -> Gradients:
-    x = operand(input, "input")
-    r, scale = add_operands(x, residual, "residual", alpha, "scales residual")
-    layout = layouts.trailing(x.shape, normalized_shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.trailing(shape, normalized_shape),
+        weight,
+        bias,
+        eps,
         center=center,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
+        summand=Summand(residual, "residual", alpha, False, add_rounding),
     )
-    z, _ = normalised_sum(x, Fraction(1), r, scale, layout, add_rounding)
-    p = problem(z, layout, conv, w, b)
-    grad = _grad_operand(grad_output, x)
-    addend = None if grad_residual_out is None else _grad_operand(grad_residual_out, x)
-    base = _backward(p, layout, grad, x, w, b, out_dtype, addend=addend)
-    scaled = _backward(p, layout, grad, r, None, None, out_dtype, scale=scale, addend=addend)
+    p = s.problem()
+    base = _backward(s, p, grad_output, out_dtype, addend=grad_residual_out)
+    scaled = _backward(
+        s,
+        p,
+        grad_output,
+        out_dtype,
+        target=s.other,
+        scale=s.scales[1],
+        addend=grad_residual_out,
+        affine=False,
+    )
     return base._replace(residual=scaled.input)
 
 
@@ -309,7 +313,6 @@ def fused_add_rms_norm_backward(
 ) -> Gradients:
     """Gradients of :func:`references.norms.fused_add_rms_norm` for upstream gradients of both
     outputs (``grad_residual_out`` may be None): input gets ``dz``, residual ``alpha * dz``."""
-    fmt = operand(input, "input").fmt
     return _fused_add_backward(
         grad_output,
         grad_residual_out,
@@ -318,9 +321,9 @@ def fused_add_rms_norm_backward(
         normalized_shape,
         weight,
         None,
-        rms_norm_default_eps(fmt) if eps is None else eps,
-        alpha,
+        eps,
         False,
+        alpha,
         variance,
         eps_placement,
         weight_offset,
@@ -356,8 +359,8 @@ def fused_add_layer_norm_backward(
         weight,
         bias,
         eps,
-        alpha,
         True,
+        alpha,
         variance,
         eps_placement,
         weight_offset,

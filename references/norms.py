@@ -8,7 +8,8 @@ Each function validates its arguments, maps the tensor onto the group engine
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NamedTuple
 
@@ -60,36 +61,90 @@ def affine(
     return ops
 
 
-def problem(
-    z: LinComb,
-    layout: layouts.Layout,
-    conv: groups.Convention,
-    weight: Operand | None,
-    bias: Operand | None,
-    given: tuple[np.ndarray, np.ndarray] | None = None,
-) -> groups.Problem:
-    return groups.Problem(
-        z=z,
-        shape=(layout.groups, layout.size),
-        conv=conv,
-        weight=None if weight is None else weight.values.ravel(),
-        bias=None if bias is None else bias.values.ravel(),
-        widx=layout.widx,
-        given=given,
+@dataclass(frozen=True)
+class Summand:
+    """The second summand of DeepNorm and the fused adds, before validation."""
+
+    value: Any
+    name: str  # "residual" or "sublayer_output"
+    alpha: float
+    alpha_scales_input: bool  # DeepNorm scales the input, the fused adds the residual
+    add_rounding: str
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A norm call's validated arguments in the engine's terms."""
+
+    x: Operand
+    layout: layouts.Layout
+    weight: Operand | None
+    bias: Operand | None
+    conv: groups.Convention
+    z: LinComb  # the values to normalise, exact
+    other: Operand | None = None  # the second summand of DeepNorm / the fused adds
+    scales: tuple[Fraction, Fraction] = (Fraction(1), Fraction(1))  # of input, of other
+    rounded_sum: np.ndarray | None = None  # that sum, correctly rounded into x's dtype
+
+    def problem(self, given: tuple[np.ndarray, np.ndarray] | None = None) -> groups.Problem:
+        return groups.Problem(
+            z=self.z,
+            shape=(self.layout.groups, self.layout.size),
+            conv=self.conv,
+            weight=None if self.weight is None else self.weight.values.ravel(),
+            bias=None if self.bias is None else self.bias.values.ravel(),
+            widx=self.layout.widx,
+            given=given,
+        )
+
+
+def setup(
+    input: Any,
+    layout_of: Callable[[tuple[int, ...]], layouts.Layout],
+    weight: Any,
+    bias: Any,
+    eps: float | None,
+    *,
+    center: bool,
+    variance: str,
+    eps_placement: str,
+    weight_offset: float,
+    summand: Summand | None = None,
+) -> Setup:
+    """Validate a call's arguments; ``eps=None`` is PyTorch's RMSNorm default."""
+    x = operand(input, "input")
+    layout = layout_of(x.shape)
+    w, b = affine(weight, bias, layout)
+    conv = convention(
+        center=center,
+        variance=variance,
+        eps=rms_norm_default_eps(x.fmt) if eps is None else eps,
+        eps_placement=eps_placement,
+        weight_offset=weight_offset,
     )
+    if summand is None:
+        return Setup(x, layout, w, b, conv, [(Fraction(1), (layout.to_groups(x.values),))])
+    other = operand(summand.value, summand.name)
+    if other.shape != x.shape:
+        raise ValueError(f"{summand.name} has shape {list(other.shape)}, expected {list(x.shape)}")
+    which = "input" if summand.alpha_scales_input else summand.name
+    alpha = Fraction(finite_float(f"alpha (scales {which})", summand.alpha))
+    scales = (alpha, Fraction(1)) if summand.alpha_scales_input else (Fraction(1), alpha)
+    rounded = rounded_sum(x, scales[0], other, scales[1])
+    if choice("add_rounding", summand.add_rounding, ADD_ROUNDINGS) == "dtype":
+        z: LinComb = [(Fraction(1), (layout.to_groups(rounded),))]
+    else:
+        z = [
+            (scales[0], (layout.to_groups(x.values),)),
+            (scales[1], (layout.to_groups(other.values),)),
+        ]
+    return Setup(x, layout, w, b, conv, z, other, scales, rounded)
 
 
-def plain(x: Operand, layout: layouts.Layout) -> LinComb:
-    return [(Fraction(1), (layout.to_groups(x.values),))]
-
-
-def finish(
-    p: groups.Problem,
-    layout: layouts.Layout,
-    x: Operand,
-    out: Format,
-    return_stats: bool,
-) -> Any:
+def finish(s: Setup, out_dtype: object, return_stats: bool, p: groups.Problem | None = None) -> Any:
+    """Run the forward pass and answer in the input's kind: output, or NormOutput with stats."""
+    p = s.problem() if p is None else p
+    x, layout, out = s.x, s.layout, output_format(out_dtype, s.x)
     y = answer(layout.from_groups(groups.forward(p, out)), out, x)
     if not return_stats:
         return y
@@ -114,18 +169,18 @@ def layer_norm(
     return_stats: bool = False,
 ) -> Any:
     """LayerNorm over the trailing ``normalized_shape`` dims: ``(x - mu) r w + b``."""
-    x = operand(input, "input")
-    layout = layouts.trailing(x.shape, normalized_shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.trailing(shape, normalized_shape),
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    p = problem(plain(x, layout), layout, conv, w, b)
-    return finish(p, layout, x, output_format(out_dtype, x), return_stats)
+    return finish(s, out_dtype, return_stats)
 
 
 def rms_norm(
@@ -141,18 +196,18 @@ def rms_norm(
     return_stats: bool = False,
 ) -> Any:
     """RMSNorm: ``x r w`` with ``r = 1/sqrt(mean(x**2) + eps)``; ``eps=None`` as PyTorch."""
-    x = operand(input, "input")
-    layout = layouts.trailing(x.shape, normalized_shape)
-    w, _ = affine(weight, None, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.trailing(shape, normalized_shape),
+        weight,
+        None,
+        eps,
         center=False,
         variance=variance,
-        eps=rms_norm_default_eps(x.fmt) if eps is None else eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    p = problem(plain(x, layout), layout, conv, w, None)
-    return finish(p, layout, x, output_format(out_dtype, x), return_stats)
+    return finish(s, out_dtype, return_stats)
 
 
 # -- GroupNorm, BatchNorm, InstanceNorm -------------------------------------------------------
@@ -171,18 +226,18 @@ def group_norm(
 ) -> Any:
     """GroupNorm: statistics over each group of ``C / num_groups`` channels and the spatial
     dims; per-channel affine."""
-    x = operand(input, "input")
-    layout = layouts.grouped(x.shape, num_groups)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.grouped(shape, num_groups),
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    p = problem(plain(x, layout), layout, conv, w, b)
-    return finish(p, layout, x, output_format(out_dtype, x), return_stats)
+    return finish(s, out_dtype, return_stats)
 
 
 def momentum_factors(
@@ -208,12 +263,11 @@ def update_running_stats(
     running_mean: Any,
     running_var: Any,
     members: np.ndarray,
-    momentum: float | None,
-    num_batches_tracked: int | None,
-    momentum_weights: str,
+    factors: tuple[Fraction, Fraction],
     running_variance: str,
 ) -> None:
-    keep, new = momentum_factors(momentum, num_batches_tracked, momentum_weights)
+    """Update the running statistics in place: ``factors`` = (weight of old, weight of new)."""
+    keep, new = factors
     estimator = choice("running_variance", running_variance, VARIANCES)
     for target, which in ((running_mean, "mean"), (running_var, estimator)):
         if target is None:
@@ -226,7 +280,7 @@ def update_running_stats(
         write_back(target, groups.running_update(p, old.values, which, new, keep, old.fmt, members))
 
 
-def _given(
+def given_statistics(
     running_mean: Any, running_var: Any, channels: int, repeat: int
 ) -> tuple[np.ndarray, np.ndarray]:
     if running_mean is None or running_var is None:
@@ -263,31 +317,29 @@ def batch_norm(
 ) -> Any:
     """BatchNorm over N and the spatial dims per channel; updates running stats in place when
     ``training``; normalises with them otherwise."""
-    x = operand(input, "input")
-    layout = layouts.per_channel(x.shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        layouts.per_channel,
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    channels = layout.groups
-    given = None if training else _given(running_mean, running_var, channels, 1)
-    p = problem(plain(x, layout), layout, conv, w, b, given)
+    channels = s.layout.groups
+    p = s.problem(None if training else given_statistics(running_mean, running_var, channels, 1))
     if training:
         update_running_stats(
             p,
             running_mean,
             running_var,
             np.arange(channels)[:, None],
-            momentum,
-            num_batches_tracked,
-            momentum_weights,
+            momentum_factors(momentum, num_batches_tracked, momentum_weights),
             running_variance,
         )
-    return finish(p, layout, x, output_format(out_dtype, x), return_stats)
+    return finish(s, out_dtype, return_stats, p)
 
 
 def instance_norm(
@@ -311,19 +363,19 @@ def instance_norm(
 ) -> Any:
     """InstanceNorm: per sample and channel over the spatial dims. With running statistics and
     ``use_input_stats``, each is updated with the batch average of the instance statistics."""
-    x = operand(input, "input")
-    layout = layouts.per_instance(x.shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        layouts.per_instance,
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    n, c = x.shape[0], x.shape[1]
-    given = None if use_input_stats else _given(running_mean, running_var, c, n)
-    p = problem(plain(x, layout), layout, conv, w, b, given)
+    n, c = s.x.shape[0], s.x.shape[1]
+    p = s.problem(None if use_input_stats else given_statistics(running_mean, running_var, c, n))
     if use_input_stats and (running_mean is not None or running_var is not None):
         members = (np.arange(n)[None, :] * c + np.arange(c)[:, None]).astype(np.int64)
         update_running_stats(
@@ -331,25 +383,13 @@ def instance_norm(
             running_mean,
             running_var,
             members,
-            momentum,
-            num_batches_tracked,
-            momentum_weights,
+            momentum_factors(momentum, num_batches_tracked, momentum_weights),
             running_variance,
         )
-    return finish(p, layout, x, output_format(out_dtype, x), return_stats)
+    return finish(s, out_dtype, return_stats, p)
 
 
 # -- DeepNorm and the fused residual adds -----------------------------------------------------
-def add_operands(
-    x: Operand, other: Any, other_name: str, alpha: float, scaled: str
-) -> tuple[Operand, Fraction]:
-    """Check the second summand and return it with the exact scale ``alpha``."""
-    y = operand(other, other_name)
-    if y.shape != x.shape:
-        raise ValueError(f"{other_name} has shape {list(y.shape)}, expected {list(x.shape)}")
-    return y, Fraction(finite_float(f"alpha ({scaled})", alpha))
-
-
 def rounded_sum(a: Operand, scale_a: Fraction, b: Operand, scale_b: Fraction) -> np.ndarray:
     """``scale_a * a + scale_b * b`` correctly rounded into ``a``'s format (float64 values)."""
     w = FLOAT64_WORKING
@@ -376,24 +416,6 @@ def rounded_sum(a: Operand, scale_a: Fraction, b: Operand, scale_b: Fraction) ->
     return values
 
 
-def normalised_sum(
-    x: Operand,
-    scale_x: Fraction,
-    y: Operand,
-    scale_y: Fraction,
-    layout: layouts.Layout,
-    add_rounding: str,
-) -> tuple[LinComb, np.ndarray]:
-    """The values to normalise (exact) and the sum rounded into ``x``'s dtype."""
-    rounded = rounded_sum(x, scale_x, y, scale_y)
-    if choice("add_rounding", add_rounding, ADD_ROUNDINGS) == "dtype":
-        return [(Fraction(1), (layout.to_groups(rounded),))], rounded
-    return [
-        (scale_x, (layout.to_groups(x.values),)),
-        (scale_y, (layout.to_groups(y.values),)),
-    ], rounded
-
-
 def deep_norm(
     input: Any,
     sublayer_output: Any,
@@ -415,20 +437,19 @@ def deep_norm(
     ``add_rounding="dtype"`` rounds the sum once into the input dtype before normalising (what a
     model that stores the residual stream computes); ``"exact"`` normalises the exact sum.
     """
-    x = operand(input, "input")
-    f, scale = add_operands(x, sublayer_output, "sublayer_output", alpha, "scales input")
-    layout = layouts.trailing(x.shape, normalized_shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.trailing(shape, normalized_shape),
+        weight,
+        bias,
+        eps,
         center=True,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
+        summand=Summand(sublayer_output, "sublayer_output", alpha, True, add_rounding),
     )
-    z, _ = normalised_sum(x, scale, f, Fraction(1), layout, add_rounding)
-    p = problem(z, layout, conv, w, b)
-    return finish(p, layout, x, output_format(out_dtype, x), return_stats)
+    return finish(s, out_dtype, return_stats)
 
 
 def _fused_add(
@@ -437,9 +458,9 @@ def _fused_add(
     normalized_shape: int | Sequence[int],
     weight: Any,
     bias: Any,
-    eps: float,
-    alpha: float,
+    eps: float | None,
     center: bool,
+    alpha: float,
     variance: str,
     eps_placement: str,
     weight_offset: float,
@@ -447,21 +468,20 @@ def _fused_add(
     out_dtype: object,
     return_stats: bool,
 ) -> tuple[Any, Any]:
-    x = operand(input, "input")
-    r, scale = add_operands(x, residual, "residual", alpha, "scales residual")
-    layout = layouts.trailing(x.shape, normalized_shape)
-    w, b = affine(weight, bias, layout)
-    conv = convention(
+    s = setup(
+        input,
+        lambda shape: layouts.trailing(shape, normalized_shape),
+        weight,
+        bias,
+        eps,
         center=center,
         variance=variance,
-        eps=eps,
         eps_placement=eps_placement,
         weight_offset=weight_offset,
+        summand=Summand(residual, "residual", alpha, False, add_rounding),
     )
-    z, rounded = normalised_sum(x, Fraction(1), r, scale, layout, add_rounding)
-    p = problem(z, layout, conv, w, b)
-    out = finish(p, layout, x, output_format(out_dtype, x), return_stats)
-    return out, answer(rounded, x.fmt, x)
+    assert s.rounded_sum is not None
+    return finish(s, out_dtype, return_stats), answer(s.rounded_sum, s.x.fmt, s.x)
 
 
 def fused_add_rms_norm(
@@ -481,16 +501,15 @@ def fused_add_rms_norm(
 ) -> tuple[Any, Any]:
     """Residual add + RMSNorm: ``z = input + alpha * residual``; returns ``(rms_norm(z), z)``
     with the new residual ``z`` correctly rounded into the input dtype."""
-    fmt = operand(input, "input").fmt
     return _fused_add(
         input,
         residual,
         normalized_shape,
         weight,
         None,
-        rms_norm_default_eps(fmt) if eps is None else eps,
-        alpha,
+        eps,
         False,
+        alpha,
         variance,
         eps_placement,
         weight_offset,
@@ -525,8 +544,8 @@ def fused_add_layer_norm(
         weight,
         bias,
         eps,
-        alpha,
         True,
+        alpha,
         variance,
         eps_placement,
         weight_offset,
