@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, SupportsIndex
 
+from references.conventions import ADD_ROUNDINGS, EPS_PLACEMENTS, MOMENTUM_WEIGHTS, VARIANCES
+
 __all__ = [
     "DEEPNORM_ARCHITECTURES",
     "OPS",
@@ -103,11 +105,11 @@ PRESET_KEYWORDS: Final[frozenset[str]] = frozenset(
 
 _CHOICES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
-        "variance": ("biased", "unbiased"),
-        "eps_placement": ("inside", "outside"),
-        "running_variance": ("biased", "unbiased"),
-        "momentum_weights": ("new", "running"),
-        "add_rounding": ("dtype", "exact"),
+        "variance": VARIANCES,
+        "eps_placement": EPS_PLACEMENTS,
+        "running_variance": VARIANCES,
+        "momentum_weights": MOMENTUM_WEIGHTS,
+        "add_rounding": ADD_ROUNDINGS,
     }
 )
 
