@@ -26,7 +26,6 @@ from references.fast import Approx, Working, certify, working_for
 from references.formats import Format, round_fraction
 from references.groups import (
     Problem,
-    _approx_fraction,
     _effective_weight,
     _exact_weight,
     _row,
@@ -67,7 +66,7 @@ def grad_input(
         if addend is not None:
             dz = dz + Approx.exact(np.where(bad[:, None], 0, addend), w)
         if scale != 1:
-            dz = dz * _approx_fraction(scale, w)
+            dz = dz * Approx.of_fraction(scale, w)
         result, decided = certify(dz, fmt)
     decided |= bad[:, None]
     result[bad] = np.nan

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,18 @@ class Approx:
     @classmethod
     def exact(cls, v: Any, w: Working) -> Approx:
         return cls(v, 0.0, w)
+
+    @classmethod
+    def of_fraction(cls, q: Fraction, w: Working) -> Approx:
+        """A rational in the working precision, with the exact size of its representation
+        error (rounded up): a float64 head plus tail, summed in ``w.dtype``."""
+        head = float(q)
+        value = w.dtype(head) + w.dtype(float(q - Fraction(head)))
+        error = abs(q - Fraction(*value.as_integer_ratio()))
+        if not error:
+            return cls.exact(value, w)
+        bound = float(error) * (1 + 2.0**-50) + float(np.finfo(np.float64).smallest_subnormal)
+        return cls(value, bound, w)
 
     def _lift(self, other: Approx | float | np.ndarray) -> Approx:
         return other if isinstance(other, Approx) else Approx.exact(other, self.w)

@@ -227,22 +227,10 @@ def _approx_z(p: Problem, w: Working) -> Approx:
         for a in arrays[1:]:
             term = term * Approx.exact(a, w)
         if coef != 1:
-            term = term * _approx_fraction(coef, w)
+            term = term * Approx.of_fraction(coef, w)
         acc = term if acc is None else acc + term
     assert acc is not None
     return acc
-
-
-def _approx_fraction(q: Fraction, w: Working) -> Approx:
-    """A rational in the working precision, with the exact size of its representation error
-    (rounded up): a float64 head plus tail, summed in ``w.dtype``."""
-    head = float(q)
-    value = w.dtype(head) + w.dtype(float(q - Fraction(head)))
-    error = abs(q - Fraction(*value.as_integer_ratio()))
-    if not error:
-        return Approx.exact(value, w)
-    bound = float(error) * (1 + 2.0**-50) + float(np.finfo(np.float64).smallest_subnormal)
-    return Approx(value, bound, w)
 
 
 def _row_sum(
@@ -596,8 +584,8 @@ def running_update(
         assert stat is not None
         per_group = Approx(stat.v.ravel()[members], stat.e.ravel()[members], w)
         average = per_group.sum(axis=1, keepdims=False) / Approx.exact(float(divisor * pooled), w)
-        new = _approx_fraction(keep, w) * Approx.exact(np.where(undefined, 0, old), w) + (
-            _approx_fraction(momentum, w) * average
+        new = Approx.of_fraction(keep, w) * Approx.exact(np.where(undefined, 0, old), w) + (
+            Approx.of_fraction(momentum, w) * average
         )
         result, decided = certify(new, fmt)
     result[undefined] = np.nan

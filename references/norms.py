@@ -26,7 +26,7 @@ from references.conventions import (
     rms_norm_default_eps,
 )
 from references.exact import LinComb
-from references.fast import FLOAT64_WORKING, Approx, certify
+from references.fast import Approx, certify, working_for
 from references.formats import FLOAT32, Format, format_of, round_fraction
 from references.tensors import Operand, answer, operand, optional_operand, write_back
 
@@ -392,19 +392,15 @@ def instance_norm(
 # -- DeepNorm and the fused residual adds -----------------------------------------------------
 def rounded_sum(a: Operand, scale_a: Fraction, b: Operand, scale_b: Fraction) -> np.ndarray:
     """``scale_a * a + scale_b * b`` correctly rounded into ``a``'s format (float64 values)."""
-    w = FLOAT64_WORKING
     fmt = a.fmt
-    with np.errstate(invalid="ignore", over="ignore"):
-        total = Approx.exact(a.values, w) * float(scale_a) + Approx.exact(b.values, w) * float(
-            scale_b
-        )
-        if Fraction(float(scale_a)) != scale_a or Fraction(float(scale_b)) != scale_b:
-            raise AssertionError("scales are binary64 values")
-        values, decided = (
-            certify(total, fmt)
-            if fmt.precision < 53
-            else (np.zeros(a.shape), np.zeros(a.shape, dtype=bool))
-        )
+    w = working_for(fmt)
+    values, decided = np.zeros(a.shape), np.zeros(a.shape, dtype=bool)
+    if w is not None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            total = Approx.exact(a.values, w) * Approx.of_fraction(scale_a, w) + Approx.exact(
+                b.values, w
+            ) * Approx.of_fraction(scale_b, w)
+            values, decided = certify(total, fmt)
     finite = np.isfinite(a.values) & np.isfinite(b.values)
     ieee = float(scale_a) * a.values + float(scale_b) * b.values
     values = np.where(finite, values, ieee)
