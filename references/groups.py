@@ -283,7 +283,7 @@ def _deviations(p: Problem, w: Working) -> tuple[Approx | None, np.ndarray, floa
         return Approx.exact(mean, w), z_values - mean, u, zero
     if not p.conv.center:
         return None, z_values, 0.0, zero
-    rough = z_values.mean(axis=1, keepdims=True)
+    rough = z_values[:, :1]  # any shift will do; a row's own value is as good as its mean
     shifted = z_values - rough
     total, magnitude, coefficient = _row_sum(shifted, w)
     assert total is not None
@@ -437,10 +437,10 @@ def _fast_output(
     b_coef = st.t_beta * (abs_r + e_r) + eta
     t = pick(st.t_value)
     y = t * pick(r)
-    bound = np.abs(t) if st.t_abs is None else pick(st.t_abs).copy()
+    abs_t = np.abs(t) if st.t_abs is None else pick(st.t_abs)
     weight = p.compact(p.weight)
     if weight is None:
-        bound *= pick(a_coef * safety)
+        bound = abs_t * pick(a_coef * safety)
         bound += pick(b_coef * safety)
     else:
         weight = np.asarray(np.where(np.isfinite(weight), weight, 0.0), dtype=w.dtype)
@@ -455,7 +455,7 @@ def _fast_output(
         nonzero = abs_weight[abs_weight > 0]
         b_coef = b_coef * (1 + omega) + (eta / nonzero.min() if nonzero.size else 0.0)
         y *= pick(weight)
-        bound *= pick(a_coef * safety)
+        bound = abs_t * pick(a_coef * safety)
         bound += pick(b_coef * safety)
         bound *= pick(abs_weight)
     bias = p.compact(p.bias)

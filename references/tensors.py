@@ -62,8 +62,11 @@ def answer(values: np.ndarray, fmt: Format, like: Operand) -> Any:
     if not like.is_torch:
         return values.astype(fmt.numpy_dtype)
     torch = _torch()
-    wide = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
-    return wide.to(dtype=fmt.torch_dtype).to(like.device)
+    # Narrow in NumPy where it has the dtype (exact: the values are representable), so that
+    # torch wraps the array without another copy; bfloat16 goes through float32, also exact.
+    native = np.float32 if fmt.name == "bfloat16" else fmt.numpy_dtype
+    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=native))
+    return tensor.to(dtype=fmt.torch_dtype, device=like.device)
 
 
 def write_back(target: Any, values: np.ndarray) -> None:
