@@ -279,8 +279,8 @@ def _deviations(p: Problem, w: Working) -> tuple[Approx | None, np.ndarray, floa
     z_values = np.asarray(terms[0][1][0], dtype=w.dtype)
     zero = np.zeros((p.shape[0], 1), dtype=w.dtype)
     if p.given is not None:
-        mean = np.where(p.nonfinite_groups, 0, p.given[0])[:, None].astype(w.dtype)
-        return Approx.exact(mean, w), z_values - mean, u, zero
+        given_mean = np.where(p.nonfinite_groups, 0, p.given[0])[:, None].astype(w.dtype)
+        return Approx.exact(given_mean, w), z_values - given_mean, u, zero
     if not p.conv.center:
         return None, z_values, 0.0, zero
     rough = z_values[:, :1]  # any shift will do; a row's own value is as good as its mean
