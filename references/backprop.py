@@ -157,10 +157,10 @@ def grad_affine(
         dw = _reduce(p, clean, index, count, weight_fmt, with_xhat=True, fast=fast)
         dw[poisoned] = np.nan
     if bias_fmt is not None:
-        db = _reduce(p, clean, index, count, bias_fmt, with_xhat=False, fast=fast)
-        db[np.bincount(index.ravel(), weights=~np.isfinite(grad).ravel(), minlength=count) > 0] = (
-            np.nan
-        )
+        # dL/dbias = sum of grad, whatever the inputs: only a non-finite grad poisons it.
+        finite = np.isfinite(grad)
+        db = _reduce(p, np.where(finite, grad, 0.0), index, count, bias_fmt, False, fast)
+        db[np.bincount(index.ravel(), weights=~finite.ravel(), minlength=count) > 0] = np.nan
     return dw, db
 
 

@@ -295,8 +295,9 @@ def round_surd(value: Surd | Fraction, fmt: Format) -> float:
         if not value.roots:
             return round_fraction(value.rational, fmt)
         lo, hi = enclose_surd(value, prec)
-        rounded = round_fraction(lo, fmt)
-        if rounded == round_fraction(hi, fmt):
+        rounded, upper = round_fraction(lo, fmt), round_fraction(hi, fmt)
+        # Compare signs too: -0.0 == 0.0, but an enclosure around 0 does not decide the sign.
+        if rounded == upper and math.copysign(1, rounded) == math.copysign(1, upper):
             return rounded
         prec *= 2
         if prec > RATIONALITY_CHECK_BITS and not checked:

@@ -19,10 +19,16 @@ operation              bound on the result
                        any summation order (Higham, Lemma 3.1/§4.2)
 ====================  ==========================================================================
 
-The bounds are themselves computed in floating point. Every bound is a sum of products of
-non-negative computed quantities, each op adding at most a relative ``u``; with fewer than 2**20
-operations along any chain the computed bound is low by less than a factor ``1 + 2**-30``, which
-:func:`certify` multiplies back in (``BOUND_SAFETY``).
+The bounds are themselves computed in floating point. Apart from two subtractions, every bound
+is a sum of products of non-negative computed quantities, each op adding at most a relative
+``u``; with fewer than 2**20 operations along any chain the computed bound is low by less than a
+factor ``1 + 2**-30``, which :func:`certify` multiplies back in (``BOUND_SAFETY``). The
+subtractions are the margins ``|y| - e_y`` of a quotient and ``x - e_x`` of a square root: a
+single rounding of a difference of two computed numbers, relative error ``u`` of the result, so
+they too lose at most a factor ``1 + u`` (however small the margin: a small margin makes the
+bound huge and the element undecided anyway). The same factor covers the use of the rounded
+quotient ``v`` for the exact one in the quotient bound, and of ``fl(x - e_x)`` in the square
+root's.
 
 :func:`certify` decides each element: with ``E`` the inflated bound, if ``v - E`` and ``v + E``
 round to the same target value then so does every number between them, the exact value included
@@ -212,8 +218,8 @@ def cascaded_sum(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     Pairwise, level by level, with Knuth's error-free TwoSum: ``s = fl(a + b)`` and the exact
     ``e = (a + b) - s``. The exact sum is ``s_final + sum(all e)``; the ``e`` are at most
     ``u |s|`` each, so adding them with :func:`blocked_sum` (coefficient ``c``) errs by at most
-    ``c u L sum|v|`` over ``L`` levels, and the final addition by ``u`` of the result:
-    ``coefficient = u(1 + 2 c L)`` covers both. Used where the working precision is only a few
+    ``c u L sum|v|`` over ``L`` levels, and the final addition by ``u(1 + u)`` of the sum:
+    ``coefficient = u(1 + 2 c L)`` covers both, the callers' factor ``1 + g_n`` the ``u^2``. Used where the working precision is only a few
     bits wider than the target (long double for float64 outputs), so every bit of the sum counts.
     """
     n = values.shape[-1]
@@ -266,25 +272,22 @@ def certify(a: Approx, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decide(
-    v: np.ndarray, bound: np.ndarray, w: Working, fmt: Format, *, finite: bool = False
+    v: np.ndarray, bound: np.ndarray, w: Working, fmt: Format
 ) -> tuple[np.ndarray, np.ndarray]:
     """Round ``v`` where ``[v - bound, v + bound]`` (computed as is, so ``bound`` must already
     cover its own rounding and that of ``v -+ bound``) rounds to one value of ``fmt``.
 
-    ``finite=True`` promises that ``v`` and ``bound`` are finite and ``bound > 0`` (the caller
-    checked per group), which saves three passes over the data."""
+    ``bound`` must be non-finite wherever ``v`` is (every bound here has a ``u|v|`` term)."""
     with np.errstate(invalid="ignore", over="ignore"):
         if w.dtype is np.float64 and fmt.name in _NATIVE_BITS:
             # NumPy's float64 -> float32/float16 casts round once; equal bit patterns also
-            # tell -0 from +0.
+            # tell -0 from +0 (and would call two equal NaNs decided: hence isfinite).
             lo = np.subtract(v, bound).astype(fmt.numpy_dtype)
             hi = np.add(v, bound).astype(fmt.numpy_dtype)
             bits = _NATIVE_BITS[fmt.name]
             decided = lo.view(bits) == hi.view(bits)
-            values = lo.astype(np.float64)
-            if finite:
-                return values, decided
             decided &= np.isfinite(bound)
+            values = lo.astype(np.float64)
         else:
             values = round_array(v - bound, fmt)
             hi = round_array(v + bound, fmt)
@@ -292,7 +295,10 @@ def decide(
             # interval reaching both sides of zero is undecided.
             decided = (values == hi) & (np.signbit(values) == np.signbit(hi))
             decided &= np.isfinite(bound) & np.isfinite(v)
-        exact_zero = (v == 0) & (bound == 0)  # a value known to be exactly 0 is +0
-        if exact_zero.any():
-            values[exact_zero] = 0.0
+        exact = bound == 0
+        if exact.any():
+            # v is exact: decided as it rounds (v - 0 keeps v's sign; v + 0 would turn -0 into
+            # +0 and look undecided), and a value known to be exactly 0 is +0.
+            decided |= exact & np.isfinite(v)
+            values[exact & (v == 0)] = 0.0
     return values, decided

@@ -163,8 +163,8 @@ class GroupStats:
     mean: Fraction
     total: Fraction | None  # sum of squared deviations (None with given statistics)
     var: Fraction | None  # None when undefined (dv = 0)
-    s: Surd | None  # None when s = 0 (the group is NaN)
-    r: Surd | None
+    s: Surd | None  # None when undefined (no variance, or a negative given one): NaN
+    r: Surd | None  # None when s is undefined or 0 (rstd +inf, output NaN)
     r_prime: Surd | None  # 1/s' for the backward (0 where the term vanishes)
 
 
@@ -185,6 +185,8 @@ def _exact_group_stats(p: Problem, g: int) -> GroupStats:
         if p.dv <= 0:
             return GroupStats(mean, total, None, None, None, None)
         var = total / p.dv
+    if (var if conv.eps_outside else var + eps) < 0:  # only given statistics can be negative
+        return GroupStats(mean, total, var, None, None, None)
     if conv.eps_outside:
         root = Surd.sqrt(var)
         s = root + eps
@@ -193,7 +195,7 @@ def _exact_group_stats(p: Problem, g: int) -> GroupStats:
         s = Surd.sqrt(var + eps)
         r_prime = None if s.is_zero() else 1 / s
     if s.is_zero():
-        return GroupStats(mean, total, var, None, None, None)
+        return GroupStats(mean, total, var, s, None, None)
     return GroupStats(mean, total, var, s, 1 / s, r_prime)
 
 
@@ -419,7 +421,9 @@ def _fast_output(
     ``p = fl(t r)``: ``|p - p*| <= A|t| + B`` with ``A = alpha(|r| + e_r) + e_r + u(1+u)|r|``,
     ``B = beta(|r| + e_r) + eta``; ``q = fl(p w)`` with ``w`` off by at most ``omega|w|``
     (``omega = u`` when the offset is added, else 0): ``|q - q*| <= |w|(A'|t| + B') + eta``,
-    ``A' = A(1 + omega) + (omega(1 + u) + u(1 + u)^2)|r|``, ``B' = B(1 + omega)``; and
+    ``A' = A(1 + omega) + (omega(1 + u) + u(1 + u)^2)|r|``, ``B' = B(1 + omega)`` (the
+    ``(omega + u) eta |w|`` of ``fl(p w)``'s first-order terms is left to ``BOUND_SAFETY``, since
+    ``B >= eta``, and the product's own ``eta`` is folded into ``B'`` as ``eta / min|w != 0|``); and
     ``y = fl(q + b)`` adds ``u|y|``. The per-group coefficients absorb ``BOUND_SAFETY`` and the
     ``2u|y|`` that :func:`~references.fast.decide` needs, so no extra pass is spent on them.
 
@@ -462,16 +466,18 @@ def _fast_output(
     if bias is not None:
         y += pick(np.asarray(np.where(np.isfinite(bias), bias, 0.0), dtype=w.dtype))
     bound += (u * safety + 2 * u) * np.abs(y)
-    coefficients_ok = np.isfinite(a_coef + b_coef + r)
-    if coefficients_ok.all():
-        # Finite inputs (bad groups are zeroed) and finite coefficients give finite values and
-        # bounds >= eta > 0: the elementwise checks of ``decide`` are redundant.
-        return decide(y, bound, w, out, finite=True)
+    if not np.any(st.t_beta):
+        # Where t = 0 with no error (beta = 0: RMS norms, exact sums), t r = 0 exactly, without
+        # underflow, so y is exactly the bias: zero bound. (RMSNorm of ReLU outputs would
+        # otherwise send every zero to the exact path: +-eta straddles the sign of zero.)
+        bound[t == 0] = 0.0
     values, decided = decide(y, bound, w, out)
-    if at is None:
-        decided &= np.broadcast_to(coefficients_ok.all(axis=-1, keepdims=True), decided.shape)
-    else:
-        decided &= pick(coefficients_ok)
+    coefficients_ok = np.isfinite(a_coef + b_coef + r)
+    if not coefficients_ok.all():
+        if at is None:
+            decided &= np.broadcast_to(coefficients_ok.all(axis=-1, keepdims=True), decided.shape)
+        else:
+            decided &= pick(coefficients_ok)
     return values, decided
 
 
@@ -550,7 +556,10 @@ def statistics(
             continue
         st = p.exact_stats(g)
         if not rstd_ok[g]:
-            rstd[g] = float("inf") if st.r is None else round_surd(st.r, fmt)
+            if st.r is not None:
+                rstd[g] = round_surd(st.r, fmt)
+            else:
+                rstd[g] = np.nan if st.s is None else np.inf
         if mean is not None and not mean_ok[g]:
             mean[g] = round_surd(st.mean, fmt)
     return mean, rstd
