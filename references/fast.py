@@ -219,8 +219,9 @@ def cascaded_sum(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     ``e = (a + b) - s``. The exact sum is ``s_final + sum(all e)``; the ``e`` are at most
     ``u |s|`` each, so adding them with :func:`blocked_sum` (coefficient ``c``) errs by at most
     ``c u L sum|v|`` over ``L`` levels, and the final addition by ``u(1 + u)`` of the sum:
-    ``coefficient = u(1 + 2 c L)`` covers both, the callers' factor ``1 + g_n`` the ``u^2``. Used where the working precision is only a few
-    bits wider than the target (long double for float64 outputs), so every bit of the sum counts.
+    ``coefficient = u(1 + 2 c L)`` covers both, the callers' factor ``1 + g_n`` the ``u^2``.
+    Used where the working precision is only a few bits wider than the target (long double for
+    float64 outputs), so every bit of the sum counts.
     """
     n = values.shape[-1]
     u = 2.0 ** -(np.finfo(values.dtype).nmant + 1)
