@@ -292,7 +292,7 @@ def _deviations(p: Problem, w: Working) -> tuple[Approx | None, np.ndarray, floa
     assert magnitude is not None
     correction = total[:, None] / n
     e_c = (u + coefficient) * magnitude[:, None] * (1 + _gamma(n, u)) / n + u * np.abs(correction)
-    e_c = e_c + w.eta
+    e_c = e_c + np.where(correction != 0, w.eta, 0)  # 0 / n cannot underflow: constant rows
     mean = Approx(correction, e_c, w) + rough
     return mean, shifted - correction, 2 * u + u * u, u * np.abs(correction) + e_c
 
@@ -466,11 +466,13 @@ def _fast_output(
     if bias is not None:
         y += pick(np.asarray(np.where(np.isfinite(bias), bias, 0.0), dtype=w.dtype))
     bound += (u * safety + 2 * u) * np.abs(y)
-    if not np.any(st.t_beta):
-        # Where t = 0 with no error (beta = 0: RMS norms, exact sums), t r = 0 exactly, without
-        # underflow, so y is exactly the bias: zero bound. (RMSNorm of ReLU outputs would
-        # otherwise send every zero to the exact path: +-eta straddles the sign of zero.)
-        bound[t == 0] = 0.0
+    exact_t = st.t_beta == 0
+    if exact_t.any():
+        # Where t = 0 with no error (beta = 0: RMS norms, constant rows), t r = 0 exactly,
+        # without underflow, so y is exactly the bias: zero bound. (RMSNorm of ReLU outputs or
+        # a constant row would otherwise send every such element to the exact path: the bound's
+        # eta straddles the sign of zero.)
+        bound[(t == 0) & pick(exact_t)] = 0.0
     values, decided = decide(y, bound, w, out)
     coefficients_ok = np.isfinite(a_coef + b_coef + r)
     if not coefficients_ok.all():

@@ -79,3 +79,25 @@ def test_zeros_of_rms_norm_are_decided_on_the_fast_path() -> None:
     assert zeros.any()
     assert decided[zeros].all()
     assert not np.signbit(values[zeros]).any()
+
+
+def test_constant_rows_of_layer_norm_are_decided_on_the_fast_path() -> None:
+    """A constant row has t = 0 exactly (the shift is the row's own value), so y = bias exactly;
+    constant (and zero-padded) rows are a named input class of the conformance battery."""
+    x = torch.randn(8, 128)
+    x[::2] = 3.0
+    bias = torch.randn(128)
+    s = norms.setup(
+        x,
+        lambda shape: trailing(shape, 128),
+        torch.randn(128),
+        bias,
+        1e-5,
+        center=True,
+        variance="biased",
+        eps_placement="inside",
+        weight_offset=0.0,
+    )
+    values, decided = groups._fast_output(s.problem(), FLOAT32, groups.working_for(FLOAT32))
+    assert decided[::2].all()
+    assert (values[::2] == bias.numpy()).all()
