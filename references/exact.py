@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from mpmath import libmp
 
+from references.fast import two_product
 from references.formats import Format, round_fraction
 
 #: Extra bits over the target precision for the first enclosure; enough that the first try
@@ -69,12 +70,34 @@ def exact_sum(*factors: np.ndarray) -> Fraction:
         return Fraction(0)
     decomposed = [_significands(a) for a in arrays]
     bits = sum(b for _, _, b in decomposed)
-    exponent = sum((e for _, e, _ in decomposed), np.zeros(arrays[0].size, dtype=np.int64))
+    if len(arrays) == 2 and bits > 61:
+        # Two wide factors: a*b = hi + lo exactly (Dekker) wherever that is valid, leaving two
+        # sums of 53-bit significands; Python integers only for the rest.
+        a, b = (x.ravel() for x in arrays)
+        hi, lo, valid = two_product(a, b)
+        if valid.all():
+            return exact_sum(hi) + exact_sum(lo)
+        rest = ~valid
+        return (
+            exact_sum(hi[valid]) + exact_sum(lo[valid]) + exact_sum(a[rest], b[rest])
+            if (valid.any())
+            else _object_sum(decomposed)
+        )
     if bits <= 61:
         significand = decomposed[0][0]
         for m, _, _ in decomposed[1:]:
             significand = significand * m
-        return _bucket_sum(significand, exponent, 62 - bits)
+        return _bucket_sum(significand, sum_exponents(decomposed), 62 - bits)
+    return _object_sum(decomposed)
+
+
+def sum_exponents(decomposed: list[tuple[np.ndarray, np.ndarray, int]]) -> np.ndarray:
+    return sum((e for _, e, _ in decomposed), np.zeros(decomposed[0][1].size, dtype=np.int64))
+
+
+def _object_sum(decomposed: list[tuple[np.ndarray, np.ndarray, int]]) -> Fraction:
+    """The exact sum of products of significands as Python integers (any width)."""
+    exponent = sum_exponents(decomposed)
     product = decomposed[0][0].astype(object)
     for m, _, _ in decomposed[1:]:
         product = product * m.astype(object)

@@ -254,6 +254,28 @@ def _block_length(n: int) -> int:
     return root
 
 
+#: Veltkamp's splitting constant for float64: 2**27 + 1.
+_SPLITTER = 134217729.0
+
+
+def two_product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dekker's error-free product in float64: ``a * b = hi + lo`` exactly where ``valid``.
+
+    Valid when nothing overflows in the splitting (|a|, |b| < 2**995) and no partial product
+    underflows (|a b| >= 2**-960, or an exact zero product of a zero factor).
+    """
+    with np.errstate(all="ignore"):
+        hi = a * b
+        ca, cb = _SPLITTER * a, _SPLITTER * b
+        a_hi, b_hi = ca - (ca - a), cb - (cb - b)
+        a_lo, b_lo = a - a_hi, b - b_hi
+        lo = ((a_hi * b_hi - hi) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+        big = 2.0**995
+        valid = (np.abs(a) < big) & (np.abs(b) < big) & np.isfinite(lo)
+        valid &= (np.abs(hi) >= 2.0**-960) | (a == 0) | (b == 0)
+    return hi, np.where(valid, lo, 0.0), valid
+
+
 def _gamma(n: int, u: float) -> float:
     if n * u >= 0.5:
         return float("inf")

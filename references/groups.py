@@ -50,7 +50,7 @@ from references.fast import (
     decide,
     working_for,
 )
-from references.formats import Format
+from references.formats import FLOAT64, Format
 
 
 @dataclass(frozen=True)
@@ -360,6 +360,16 @@ def _at(p: Problem, vector: np.ndarray | None, g: int, k: int) -> float | None:
     return float(compact[g if compact.shape[0] > 1 else 0, k if compact.shape[1] > 1 else 0])
 
 
+def _at_vector(
+    p: Problem, vector: np.ndarray | None, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray | None:
+    """The values of a per-weight vector at the elements ``(rows, cols)``, or None."""
+    compact = p.compact(vector)
+    if compact is None:
+        return None
+    return np.broadcast_to(compact, p.shape)[rows, cols]
+
+
 def _exact_weight(p: Problem, index: tuple[int, int]) -> Fraction | None:
     weight = _at(p, p.weight, *index)
     if weight is None:
@@ -507,6 +517,13 @@ def forward(p: Problem, out: Format, *, fast: bool = True) -> np.ndarray:
         again, again_decided = _fast_output(
             p.rows(groups_used), out, LONG_DOUBLE_WORKING, at=(local, cols)
         )
+        result[rows[again_decided], cols[again_decided]] = again[again_decided]
+        rows, cols = rows[~again_decided], cols[~again_decided]
+    if out is FLOAT64 and fast and rows.size:
+        # Third step for float64 outputs: double-double from exact group statistics.
+        from references import doubled  # imports this module
+
+        again, again_decided = doubled.outputs(p, rows, cols, out)
         result[rows[again_decided], cols[again_decided]] = again[again_decided]
         rows, cols = rows[~again_decided], cols[~again_decided]
     for g, k in zip(rows, cols, strict=True):

@@ -162,3 +162,27 @@ def test_running_update_fast_equals_exact() -> None:
             assert_same_rounding(
                 groups.running_update(*args), groups.running_update(*args, fast=False), which
             )
+
+
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+def test_double_double_step_agrees_with_exact(weight_offset: float) -> None:
+    """float64 outputs: the long double path leaves a few percent undecided (outputs within
+    ~2**-60 of a rounding boundary); the double-double step must decide them, correctly."""
+    from references import doubled
+    from references.fast import LONG_DOUBLE_WORKING
+
+    if LONG_DOUBLE_WORKING.u >= 2.0**-53:
+        pytest.skip("no long double wider than float64 on this platform")
+    fmt = FORMATS["float64"]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 256))
+    conv = groups.Convention(True, False, 1e-5, False, weight_offset=weight_offset)
+    p = problem(x, conv, rng.standard_normal(256), rng.standard_normal(256))
+    _, decided = groups._fast_output(p, fmt, LONG_DOUBLE_WORKING)
+    rows, cols = np.nonzero(~decided)
+    assert rows.size > 20  # the hard cases exist
+    values, dd_decided = doubled.outputs(p, rows, cols, fmt)
+    assert dd_decided.mean() > 0.99
+    pairs = zip(rows.tolist(), cols.tolist(), strict=True)
+    exact = np.array([groups._exact_output(p, g, k, fmt) for g, k in pairs])
+    assert_same_rounding(values[dd_decided], exact[dd_decided], "double-double step")
