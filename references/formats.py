@@ -109,7 +109,31 @@ def round_array(values: np.ndarray, fmt: Format) -> np.ndarray:
             return _round_by_scaling(source, fmt)
         with np.errstate(over="ignore"):
             return source.astype(fmt.numpy_dtype).astype(np.float64)
-    return _round_by_scaling(np.asarray(values), fmt)
+    source = np.asarray(values)
+    if source.dtype == np.float64:
+        return _round_bits(source, fmt)
+    return _round_by_scaling(source, fmt)
+
+
+def _round_bits(values: np.ndarray, fmt: Format) -> np.ndarray:
+    """Round float64 to nearest-even at ``fmt``'s precision on the bit pattern: add half an
+    ulp less one, plus the kept lowest bit (ties to even), then clear the dropped bits. A carry
+    into the exponent is the right result. Exact for values in ``fmt``'s normal range; the rest
+    (its subnormals, zeros, non-finite values, overflow) is decided by the scaling path."""
+    drop = 53 - fmt.precision
+    bits = values.view(np.uint64)
+    kept_lsb = (bits >> np.uint64(drop)) & np.uint64(1)
+    rounded_bits = (bits + (np.uint64((1 << (drop - 1)) - 1) + kept_lsb)) & np.uint64(
+        ~((1 << drop) - 1) & (2**64 - 1)
+    )
+    rounded = rounded_bits.view(np.float64)
+    magnitude = np.abs(values)
+    normal = (magnitude >= 2.0**fmt.emin) & (np.abs(rounded) <= fmt.max_finite)
+    if normal.all():
+        return rounded
+    result = rounded.copy()
+    result[~normal] = _round_by_scaling(values[~normal], fmt)
+    return result
 
 
 def _round_by_scaling(values: np.ndarray, fmt: Format) -> np.ndarray:
