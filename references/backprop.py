@@ -12,6 +12,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from references import doubled
 from references.exact import (
     LinComb,
     Surd,
@@ -30,6 +31,7 @@ from references.groups import (
     _exact_weight,
     _row,
     fast_stats,
+    undecided,
 )
 
 
@@ -71,7 +73,15 @@ def grad_input(
     decided |= bad[:, None]
     result[bad] = np.nan
     cache: dict[int, tuple[Fraction, Fraction]] = {}
-    for g, k in zip(*np.nonzero(~decided), strict=True):
+    rows, cols = undecided(decided)
+    if fast and scale == 1 and addend is None and rows.size:
+        # Before the exact path: double-double from exact group constants (float64 targets).
+        again, again_decided = doubled.grad_inputs(
+            p, grad, rows, cols, fmt, lambda g: _group_sums(p, grad, g, cache)
+        )
+        result[rows[again_decided], cols[again_decided]] = again[again_decided]
+        rows, cols = rows[~again_decided], cols[~again_decided]
+    for g, k in zip(rows, cols, strict=True):
         value = _exact_grad_input(p, grad, int(g), int(k), cache)
         if value is None:
             result[g, k] = np.nan
@@ -108,6 +118,18 @@ def _h_terms(p: Problem, grad: np.ndarray, g: int) -> LinComb:
     return terms
 
 
+def _group_sums(
+    p: Problem, grad: np.ndarray, g: int, cache: dict[int, tuple[Fraction, Fraction]]
+) -> tuple[Fraction, Fraction]:
+    """A group's exact ``(sum(h), K = sum(h t))``, computed once."""
+    if g not in cache:
+        h = _h_terms(p, grad, g)
+        sum_h = lincomb_sum(h)
+        sum_hz = lincomb_sum(lincomb_product(h, _row(p.z, g, p.shape)))
+        cache[g] = (sum_h, sum_hz - p.exact_stats(g).mean * sum_h)
+    return cache[g]
+
+
 def _exact_grad_input(
     p: Problem, grad: np.ndarray, g: int, k: int, cache: dict[int, tuple[Fraction, Fraction]]
 ) -> Surd | None:
@@ -121,12 +143,7 @@ def _exact_grad_input(
         h_i *= weight
     if p.given is not None:
         return st.r * h_i
-    if g not in cache:
-        h = _h_terms(p, grad, g)
-        sum_h = lincomb_sum(h)
-        sum_hz = lincomb_sum(lincomb_product(h, _row(p.z, g, p.shape)))
-        cache[g] = (sum_h, sum_hz - st.mean * sum_h)
-    sum_h, k_sum = cache[g]
+    sum_h, k_sum = _group_sums(p, grad, g, cache)
     centred = h_i - sum_h / p.n if p.conv.center else h_i
     value = st.r * centred
     if st.r_prime is not None and k_sum:
@@ -185,7 +202,12 @@ def _reduce(
         else:
             summed = term.sum_by(index, count)
         result, decided = certify(summed, fmt)
-    for j in np.nonzero(~decided)[0]:
+    columns = np.flatnonzero(~decided)
+    if fast and with_xhat and columns.size and _one_weight_per_column(p, count):
+        again, again_decided = doubled.weight_grads(p, grad, columns, fmt)
+        result[columns[again_decided]] = again[again_decided]
+        columns = columns[~again_decided]
+    for j in columns:
         rows, cols = np.nonzero(index == j)
         if with_xhat:
             terms = [
@@ -205,6 +227,8 @@ def _one_weight_per_column(p: Problem, count: int) -> bool:
 
 def _exact_xhat_term(p: Problem, grad: np.ndarray, g: int, k: int) -> Surd | None:
     """``grad * xhat`` at one element exactly; None where ``xhat`` is NaN (``s = 0``)."""
+    if p.bad_groups[g]:
+        return None
     st = p.exact_stats(g)
     gk = Fraction(float(grad[g, k]))
     if st.r is None:

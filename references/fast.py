@@ -142,9 +142,11 @@ class Approx:
         return Approx(v, e, self.w)
 
     def sum(self, axis: int, keepdims: bool = True) -> Approx:
-        """Sum along ``axis`` with the bound of :func:`blocked_sum`."""
+        """Sum along ``axis`` with the bound of :func:`blocked_sum`, or of :func:`cascaded_sum`
+        in a working precision that is only a few bits wider than its targets."""
         moved = np.moveaxis(self.v, axis, -1)
-        total, magnitude, coefficient = blocked_sum(moved)
+        summed = cascaded_sum if self.w.dtype is np.longdouble else blocked_sum
+        total, magnitude, coefficient = summed(moved)
         assert total is not None
         assert magnitude is not None
         errors = np.moveaxis(np.broadcast_to(self.e, self.v.shape), axis, -1).sum(axis=-1)

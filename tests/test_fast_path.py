@@ -15,6 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from references import backprop, groups
+from references.exact import round_surd
 from references.formats import FORMATS, Format, round_array
 
 CONVENTIONS = {
@@ -186,3 +187,52 @@ def test_double_double_step_agrees_with_exact(weight_offset: float) -> None:
     pairs = zip(rows.tolist(), cols.tolist(), strict=True)
     exact = np.array([groups._exact_output(p, g, k, fmt) for g, k in pairs])
     assert_same_rounding(values[dd_decided], exact[dd_decided], "double-double step")
+
+
+@pytest.mark.parametrize("conv_name", ["layer", "layer-unbiased-outside", "rms-gemma"])
+def test_double_double_backward_step_agrees_with_exact(conv_name: str) -> None:
+    """float64 dz: the elements the long double path leaves undecided go through the
+    double-double step, which must decide nearly all of them, correctly."""
+    from references import doubled
+    from references.fast import LONG_DOUBLE_WORKING, certify
+
+    if LONG_DOUBLE_WORKING.u >= 2.0**-53:
+        pytest.skip("no long double wider than float64 on this platform")
+    fmt = FORMATS["float64"]
+    rng = np.random.default_rng(9)
+    x, g = rng.standard_normal((16, 128)), rng.standard_normal((16, 128))
+    p = problem(x, CONVENTIONS[conv_name], rng.standard_normal(128), rng.standard_normal(128))
+    _, decided = certify(backprop._fast_grad_input(p, g, LONG_DOUBLE_WORKING), fmt)
+    rows, cols = np.nonzero(~decided)
+    assert rows.size > 10  # the hard cases exist
+    cache: dict[int, tuple[Fraction, Fraction]] = {}
+    values, dd_decided = doubled.grad_inputs(
+        p, g, rows, cols, fmt, lambda k: backprop._group_sums(p, g, k, cache)
+    )
+    assert dd_decided.mean() > 0.99
+    exact = []
+    for k, j in zip(rows.tolist(), cols.tolist(), strict=True):
+        value = backprop._exact_grad_input(p, g, k, j, cache)
+        assert value is not None
+        exact.append(round_surd(value, fmt))
+    assert_same_rounding(values[dd_decided], np.array(exact)[dd_decided], "double-double dz")
+
+
+def test_double_double_weight_gradient_step_agrees_with_exact() -> None:
+    """float64 dw: a column sum over groups with cancellation; columns the long double path
+    cannot decide go through the double-double step, which must agree with the exact sums."""
+    from references import doubled
+    from references.fast import LONG_DOUBLE_WORKING
+
+    if LONG_DOUBLE_WORKING.u >= 2.0**-53:
+        pytest.skip("no long double wider than float64 on this platform")
+    fmt = FORMATS["float64"]
+    rng = np.random.default_rng(13)
+    x, g = rng.standard_normal((64, 48)), rng.standard_normal((64, 48))
+    p = problem(x, CONVENTIONS["layer"], rng.standard_normal(48), rng.standard_normal(48))
+    columns = np.arange(48)
+    values, decided = doubled.weight_grads(p, g, columns, fmt)
+    assert decided.mean() > 0.95
+    exact, _ = backprop.grad_affine(p, g, 48, fmt, None, fast=False)
+    assert exact is not None
+    assert_same_rounding(values[decided], exact[decided], "double-double dweight")
