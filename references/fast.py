@@ -297,12 +297,20 @@ def certify(a: Approx, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decide(
-    v: np.ndarray, bound: np.ndarray, w: Working, fmt: Format
+    v: np.ndarray,
+    bound: np.ndarray,
+    w: Working,
+    fmt: Format,
+    *,
+    native: bool = False,
+    exact_possible: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Round ``v`` where ``[v - bound, v + bound]`` (computed as is, so ``bound`` must already
     cover its own rounding and that of ``v -+ bound``) rounds to one value of ``fmt``.
 
-    ``bound`` must be non-finite wherever ``v`` is (every bound here has a ``u|v|`` term)."""
+    ``bound`` must be non-finite wherever ``v`` is (every bound here has a ``u|v|`` term).
+    ``native=True`` may return the values in ``fmt``'s own NumPy dtype (float32, float16)
+    instead of float64; ``exact_possible=False`` promises ``bound > 0`` everywhere."""
     with np.errstate(invalid="ignore", over="ignore"):
         if w.dtype is np.float64 and fmt.name in _NATIVE_BITS:
             # NumPy's float64 -> float32/float16 casts round once; equal bit patterns also
@@ -311,8 +319,8 @@ def decide(
             hi = np.add(v, bound).astype(fmt.numpy_dtype)
             bits = _NATIVE_BITS[fmt.name]
             decided = lo.view(bits) == hi.view(bits)
-            decided &= np.isfinite(bound)
-            values = lo.astype(np.float64)
+            decided &= bound < np.inf  # False for NaN too
+            values = lo if native else lo.astype(np.float64)
         else:
             values = round_array(v - bound, fmt)
             hi = round_array(v + bound, fmt)
@@ -320,8 +328,8 @@ def decide(
             # interval reaching both sides of zero is undecided.
             decided = (values == hi) & (np.signbit(values) == np.signbit(hi))
             decided &= np.isfinite(bound) & np.isfinite(v)
-        exact = bound == 0
-        if exact.any():
+        exact = bound == 0 if exact_possible else None
+        if exact is not None and exact.any():
             # v is exact: decided as it rounds (v - 0 keeps v's sign; v + 0 would turn -0 into
             # +0 and look undecided), and a value known to be exactly 0 is +0.
             decided |= exact & np.isfinite(v)

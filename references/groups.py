@@ -141,7 +141,7 @@ class Problem:
 
         given = None if self.given is None else (self.given[0][which], self.given[1][which])
         count = len(range(G)[which]) if isinstance(which, slice) else len(which)
-        return Problem(
+        sub = Problem(
             z=[(c, tuple(cut(a) for a in arrays)) for c, arrays in self.z],
             shape=(count, self.shape[1]),
             conv=self.conv,
@@ -150,6 +150,10 @@ class Problem:
             widx=None if self.widx is None else cut(self.widx),
             given=given,
         )
+        for cached in ("nonfinite_groups", "bad_groups"):  # computed once for the whole
+            if cached in self.__dict__:
+                sub.__dict__[cached] = self.__dict__[cached][which]
+        return sub
 
     # -- exact statistics ---------------------------------------------------------------------
     def exact_stats(self, g: int) -> GroupStats:
@@ -394,13 +398,16 @@ BLOCK_ELEMENTS = 1 << 16
 
 
 def by_row_blocks(
-    p: Problem, fast: Callable[[Problem], tuple[np.ndarray, np.ndarray]]
+    p: Problem,
+    fast: Callable[[Problem], tuple[np.ndarray, np.ndarray]],
+    dtype: np.dtype[Any] | type = np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run a row-local fast computation on blocks of rows, in parallel threads (NumPy releases
-    the GIL), each writing its ``(values, decided)`` into the shared ``(G, K)`` results."""
+    the GIL), each writing its ``(values, decided)`` into the shared ``(G, K)`` results (values
+    of ``dtype``)."""
     G, K = p.shape
     step = max(1, BLOCK_ELEMENTS // max(K, 1))
-    values, decided = np.empty(p.shape), np.empty(p.shape, dtype=bool)
+    values, decided = np.empty(p.shape, dtype=dtype), np.empty(p.shape, dtype=bool)
 
     def run(start: int) -> None:
         block = slice(start, min(start + step, G))
@@ -453,6 +460,7 @@ def _fast_output(
     y = t * pick(r)
     abs_t = np.abs(t) if st.t_abs is None else pick(st.t_abs)
     weight = p.compact(p.weight)
+    zero_weight = False
     if weight is None:
         bound = abs_t * pick(a_coef * safety)
         bound += pick(b_coef * safety)
@@ -467,6 +475,7 @@ def _fast_output(
         # most |w| * eta / min|w != 0|: folded into B'.
         abs_weight = np.abs(weight)
         nonzero = abs_weight[abs_weight > 0]
+        zero_weight = nonzero.size < abs_weight.size
         b_coef = b_coef * (1 + omega) + (eta / nonzero.min() if nonzero.size else 0.0)
         y *= pick(weight)
         bound = abs_t * pick(a_coef * safety)
@@ -483,7 +492,9 @@ def _fast_output(
         # a constant row would otherwise send every such element to the exact path: the bound's
         # eta straddles the sign of zero.)
         bound[(t == 0) & pick(exact_t)] = 0.0
-    values, decided = decide(y, bound, w, out)
+    # bound >= eta > 0 unless set to 0 just above or multiplied by a zero weight.
+    exact_possible = bool(exact_t.any()) or zero_weight
+    values, decided = decide(y, bound, w, out, native=True, exact_possible=exact_possible)
     coefficients_ok = np.isfinite(a_coef + b_coef + r)
     if not coefficients_ok.all():
         if at is None:
@@ -495,15 +506,20 @@ def _fast_output(
 
 @np.errstate(all="ignore")
 def forward(p: Problem, out: Format, *, fast: bool = True) -> np.ndarray:
-    """The correctly rounded normalised output, ``(G, K)`` float64 values of ``out``.
+    """The correctly rounded normalised output, ``(G, K)``, in ``out``'s NumPy dtype (float32
+    for bfloat16, whose values it holds exactly).
 
     ``fast=False`` skips the fast path: every element is computed exactly (for tests)."""
     G, K = p.shape
     w = working_for(out) if fast else None
+    # Results are kept in the output's own NumPy dtype where it has one (bfloat16 values in
+    # float32): every value stored is exactly representable, and no conversion pass follows.
+    container = np.float32 if out.name == "bfloat16" else out.numpy_dtype
     if w is not None and G * K:
-        result, decided = by_row_blocks(p, lambda block: _fast_output(block, out, w))
+        _ = p.bad_groups  # computed once here, then sliced for the row blocks
+        result, decided = by_row_blocks(p, lambda block: _fast_output(block, out, w), container)
     else:
-        result, decided = np.full(p.shape, np.nan), np.zeros(p.shape, dtype=bool)
+        result, decided = np.full(p.shape, np.nan, container), np.zeros(p.shape, dtype=bool)
     nan = _nan_outputs(p)
     if nan is not None:
         nan = np.broadcast_to(nan, p.shape)
