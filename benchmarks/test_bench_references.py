@@ -27,7 +27,7 @@ def _inputs(rows: int, width: int, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 
 def _run(benchmark: Any, fn: Callable[[], object], elements: int) -> None:
-    benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)
     benchmark.extra_info["elements"] = elements
     benchmark.extra_info["Melem/s"] = round(elements / benchmark.stats.stats.median / 1e6, 2)
 
