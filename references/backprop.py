@@ -24,15 +24,9 @@ from references.exact import (
     surd_sum,
 )
 from references.fast import Approx, Working, certify, working_for
+from references.fastpath import effective_weight, fast_stats, undecided
 from references.formats import Format, round_fraction
-from references.groups import (
-    Problem,
-    _effective_weight,
-    _exact_weight,
-    _row,
-    fast_stats,
-    undecided,
-)
+from references.problem import Problem, exact_weight, group_row
 
 
 def _bad_grad_groups(p: Problem, grad: np.ndarray) -> np.ndarray:
@@ -95,7 +89,7 @@ def grad_input(
 def _fast_grad_input(p: Problem, grad: np.ndarray, w: Working) -> Approx:
     stats = fast_stats(p, w)
     h = Approx.exact(grad, w)
-    weight = _effective_weight(p, w)
+    weight = effective_weight(p, w)
     if weight is not None:
         h = h * weight
     if p.given is not None:
@@ -125,7 +119,7 @@ def _group_sums(
     if g not in cache:
         h = _h_terms(p, grad, g)
         sum_h = lincomb_sum(h)
-        sum_hz = lincomb_sum(lincomb_product(h, _row(p.z, g, p.shape)))
+        sum_hz = lincomb_sum(lincomb_product(h, group_row(p.z, g, p.shape)))
         cache[g] = (sum_h, sum_hz - p.exact_stats(g).mean * sum_h)
     return cache[g]
 
@@ -138,7 +132,7 @@ def _exact_grad_input(
     if st.r is None:
         return None
     h_i = Fraction(float(grad[g, k]))
-    weight = _exact_weight(p, (g, k))
+    weight = exact_weight(p, (g, k))
     if weight is not None:
         h_i *= weight
     if p.given is not None:

@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 
 from references.formats import FLOAT64, Format
-from references.groups import Convention
+from references.problem import Convention
 
 VARIANCES = ("biased", "unbiased")
 EPS_PLACEMENTS = ("inside", "outside")

@@ -31,7 +31,7 @@ import numpy as np
 from references.exact import Surd, enclose_surd
 from references.fast import BOUND_SAFETY, two_product
 from references.formats import FLOAT64, Format
-from references.groups import GroupStats, Problem, _at_vector
+from references.problem import GroupStats, Problem, values_at
 
 U = 2.0**-53
 ETA = float(np.finfo(np.float64).smallest_subnormal)
@@ -146,7 +146,7 @@ def _deviation(p: Problem, mean: DD, rows: np.ndarray, cols: np.ndarray) -> DD:
 
 def _weight(p: Problem, rows: np.ndarray, cols: np.ndarray) -> DD | None:
     """The effective weight ``weight_offset + w``, split exactly."""
-    weight = _at_vector(p, p.weight, rows, cols)
+    weight = values_at(p, p.weight, rows, cols)
     if weight is None:
         return None
     hi, lo = _two_sum(weight, np.full_like(weight, p.conv.weight_offset))
@@ -165,7 +165,7 @@ def outputs(
     weight = _weight(p, rows, cols)
     if weight is not None:
         y = dd_mul(y, weight, valid)
-    bias = _at_vector(p, p.bias, rows, cols)
+    bias = values_at(p, p.bias, rows, cols)
     if bias is not None:
         y = dd_add(y, exact_dd(bias))
     return certify_dd(y, valid)

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from references import backprop, groups
+from references import backprop, fastpath, groups
 from references.exact import round_surd
+from references.fast import working_for
 from references.formats import FORMATS, Format, round_array
 
 CONVENTIONS = {
@@ -146,7 +147,7 @@ def test_fast_path_decides_nearly_everything() -> None:
     rng = np.random.default_rng(3)
     x = narrow(rng.standard_normal((64, 1024)), fmt)
     p = problem(x, CONVENTIONS["layer"], narrow(rng.standard_normal(1024), fmt))
-    _, decided = groups._fast_output(p, fmt, groups.working_for(fmt))
+    _, decided = fastpath.fast_output(p, fmt, working_for(fmt))
     assert (~decided).sum() <= x.size // 10**4
 
 
@@ -179,7 +180,7 @@ def test_double_double_step_agrees_with_exact(weight_offset: float) -> None:
     x = rng.standard_normal((32, 256))
     conv = groups.Convention(True, False, 1e-5, False, weight_offset=weight_offset)
     p = problem(x, conv, rng.standard_normal(256), rng.standard_normal(256))
-    _, decided = groups._fast_output(p, fmt, LONG_DOUBLE_WORKING)
+    _, decided = fastpath.fast_output(p, fmt, LONG_DOUBLE_WORKING)
     rows, cols = np.nonzero(~decided)
     assert rows.size > 20  # the hard cases exist
     values, dd_decided = doubled.outputs(p, rows, cols, fmt)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 import references as R
-from references import groups, norms
+from references import fastpath, norms
+from references.fast import working_for
 from references.formats import FLOAT32
 from references.layouts import trailing
 
@@ -74,7 +75,7 @@ def test_zeros_of_rms_norm_are_decided_on_the_fast_path() -> None:
         eps_placement="inside",
         weight_offset=0.0,
     )
-    values, decided = groups._fast_output(s.problem(), FLOAT32, groups.working_for(FLOAT32))
+    values, decided = fastpath.fast_output(s.problem(), FLOAT32, working_for(FLOAT32))
     zeros = (x == 0).numpy()
     assert zeros.any()
     assert decided[zeros].all()
@@ -98,6 +99,6 @@ def test_constant_rows_of_layer_norm_are_decided_on_the_fast_path() -> None:
         eps_placement="inside",
         weight_offset=0.0,
     )
-    values, decided = groups._fast_output(s.problem(), FLOAT32, groups.working_for(FLOAT32))
+    values, decided = fastpath.fast_output(s.problem(), FLOAT32, working_for(FLOAT32))
     assert decided[::2].all()
     assert (values[::2] == bias.numpy()).all()
