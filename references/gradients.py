@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 from references import backprop, groups, layouts
-from references.norms import Setup, Summand, given_statistics, output_format, setup
+from references.arguments import Setup, Summand, given_statistics, output_format, setup
 from references.tensors import Operand, answer, operand
 
 
