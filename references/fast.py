@@ -132,7 +132,7 @@ class Approx:
         return Approx(v, e, self.w)
 
     def sqrt(self) -> Approx:
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 where not decided
             clipped = np.maximum(self.v, 0)
             v = np.sqrt(clipped)
             decided = self.v > self.e
