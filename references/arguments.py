@@ -24,8 +24,8 @@ from references.conventions import (
     rms_norm_default_eps,
 )
 from references.exact import LinComb
-from references.fast import Approx, certify, working_for
-from references.formats import FLOAT32, Format, format_of, round_fraction
+from references.fast import Approx, certify, two_product, two_sum, working_for
+from references.formats import FLOAT32, Format, format_of, round_array, round_fraction
 from references.tensors import Operand, operand, optional_operand
 
 
@@ -157,6 +157,18 @@ def rounded_sum(a: Operand, scale_a: Fraction, b: Operand, scale_b: Fraction) ->
                 b.values, w
             ) * Approx.of_fraction(scale_b, w)
             values, decided = certify(total, fmt)
+            # The running bound cannot see that a float64 sum is exact (alpha = 1 and narrow
+            # inputs: nearly always), and an exact sum on a rounding boundary of the target
+            # would never be decided. Error-free transformations tell: where the products and
+            # the sum leave no error, the float64 sum is the exact value, rounded once here.
+            if float(scale_a) == scale_a and float(scale_b) == scale_b:
+                p_a, e_a, ok_a = two_product(np.full(a.shape, float(scale_a)), a.values)
+                p_b, e_b, ok_b = two_product(np.full(a.shape, float(scale_b)), b.values)
+                exact_sum_, e_s = two_sum(p_a, p_b)
+                exact = ok_a & ok_b & (e_a == 0) & (e_b == 0) & (e_s == 0)
+                exact &= np.isfinite(exact_sum_) & ~decided
+                values[exact] = round_array(exact_sum_[exact], fmt)
+                decided |= exact
     finite = np.isfinite(a.values) & np.isfinite(b.values)
     ieee = float(scale_a) * a.values + float(scale_b) * b.values
     values = np.where(finite, values, ieee)

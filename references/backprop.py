@@ -158,6 +158,8 @@ def grad_affine(
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(dL/dweight, dL/dbias)``, each of length ``count``, correctly rounded (None if not
     asked for)."""
+    if weight_fmt is None and bias_fmt is None:
+        return None, None
     assert p.widx is not None
     index = np.broadcast_to(p.widx, p.shape)
     bad_element = np.broadcast_to(p.bad_groups[:, None], p.shape) | ~np.isfinite(grad)

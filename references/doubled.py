@@ -29,7 +29,7 @@ from fractions import Fraction
 import numpy as np
 
 from references.exact import Surd, enclose_surd
-from references.fast import BOUND_SAFETY, two_product
+from references.fast import BOUND_SAFETY, two_product, two_sum
 from references.formats import FLOAT64, Format
 from references.problem import GroupStats, Problem, values_at
 
@@ -58,12 +58,6 @@ def _split_surd(value: Surd | Fraction) -> tuple[float, float, float]:
     return head, tail, float((hi - lo) / 2) * 1.01 + rest
 
 
-def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    s = a + b
-    b_virtual = s - a
-    return s, (a - (s - b_virtual)) + (b - b_virtual)
-
-
 def exact_dd(values: np.ndarray) -> DD:
     return values, np.zeros_like(values), np.zeros_like(values)
 
@@ -73,7 +67,7 @@ def dd_neg(a: DD) -> DD:
 
 
 def dd_add(a: DD, b: DD) -> DD:
-    s, e0 = _two_sum(a[0], b[0])
+    s, e0 = two_sum(a[0], b[0])
     l1 = e0 + a[1]
     lo = l1 + b[1]
     return s, lo, a[2] + b[2] + U * (np.abs(l1) + np.abs(lo))
@@ -136,10 +130,6 @@ def _constants(
     return dds, np.isfinite(array[local]).all(axis=1)
 
 
-def _plain(p: Problem) -> bool:
-    return len(p.z) == 1 and p.z[0][0] == 1 and len(p.z[0][1]) == 1
-
-
 def _deviation(p: Problem, mean: DD, rows: np.ndarray, cols: np.ndarray) -> DD:
     return dd_add(exact_dd(np.broadcast_to(p.z[0][1][0], p.shape)[rows, cols]), dd_neg(mean))
 
@@ -149,7 +139,7 @@ def _weight(p: Problem, rows: np.ndarray, cols: np.ndarray) -> DD | None:
     weight = values_at(p, p.weight, rows, cols)
     if weight is None:
         return None
-    hi, lo = _two_sum(weight, np.full_like(weight, p.conv.weight_offset))
+    hi, lo = two_sum(weight, np.full_like(weight, p.conv.weight_offset))
     return hi, lo, np.zeros_like(hi)
 
 
@@ -158,7 +148,7 @@ def outputs(
     p: Problem, rows: np.ndarray, cols: np.ndarray, out: Format
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(values, decided)`` of the forward output at the elements ``(rows, cols)``."""
-    if out is not FLOAT64 or not _plain(p) or not rows.size:
+    if out is not FLOAT64 or not p.plain or not rows.size:
         return np.full(rows.size, np.nan), np.zeros(rows.size, dtype=bool)
     (mean, r), valid = _constants(p, rows, 2, lambda g, st: [st.mean, st.r])  # type: ignore[list-item]
     y = dd_mul(_deviation(p, mean, rows, cols), r, valid)
@@ -182,7 +172,7 @@ def grad_inputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(values, decided)`` of ``dz`` at ``(rows, cols)``: ``r (h - c mean(h)) - t K r^2 r'/dv``
     with ``h = grad * weight``; ``sums(g)`` gives the group's exact ``(sum(h), K)``."""
-    if out is not FLOAT64 or not _plain(p) or not rows.size or p.given is not None:
+    if out is not FLOAT64 or not p.plain or not rows.size or p.given is not None:
         return np.full(rows.size, np.nan), np.zeros(rows.size, dtype=bool)
 
     def constants(g: int, st: GroupStats) -> list[Surd | Fraction]:
@@ -212,7 +202,7 @@ def weight_grads(
     ``columns`` of a one-weight-per-column layout (LayerNorm, RMSNorm): the products in
     double-double, summed group by group with :func:`dd_add`, vectorised across the columns."""
     G = p.shape[0]
-    if out is not FLOAT64 or not _plain(p) or not columns.size or not G:
+    if out is not FLOAT64 or not p.plain or not columns.size or not G:
         return np.full(columns.size, np.nan), np.zeros(columns.size, dtype=bool)
     rows_all, cols_all = np.repeat(np.arange(G), columns.size), np.tile(columns, G)
     (mean, r), valid = _constants(p, rows_all, 2, lambda g, st: [st.mean, st.r])  # type: ignore[list-item]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from fractions import Fraction
 from typing import Any
 
@@ -336,7 +336,3 @@ def surd_sum(values: Iterable[Surd]) -> Surd:
         for d, c in v.roots.items():
             roots[d] = roots.get(d, Fraction(0)) + c
     return Surd(rational, roots)
-
-
-def fractions_of(values: Sequence[float]) -> list[Fraction]:
-    return [Fraction(float(v)) for v in values]

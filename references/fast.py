@@ -233,11 +233,8 @@ def cascaded_sum(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     while level.shape[-1] > 1:
         if level.shape[-1] % 2:
             level = np.concatenate([level, np.zeros_like(level[..., :1])], axis=-1)
-        a, b = level[..., 0::2], level[..., 1::2]
-        s = a + b
-        b_virtual = s - a
-        errors.append((a - (s - b_virtual)) + (b - b_virtual))
-        level = s
+        level, error = two_sum(level[..., 0::2], level[..., 1::2])
+        errors.append(error)
     head = level[..., 0] if n else np.zeros(values.shape[:-1], values.dtype)
     if not errors:
         return head, magnitude, 0.0  # type: ignore[return-value]
@@ -254,6 +251,13 @@ def _block_length(n: int) -> int:
         if n % length == 0:
             return length
     return root
+
+
+def two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Knuth's error-free sum: ``a + b = s + e`` exactly, ``s = fl(a + b)`` (no overflow)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
 
 
 #: Veltkamp's splitting constant for float64: 2**27 + 1.

@@ -94,8 +94,7 @@ def _deviations(p: Problem, w: Working) -> tuple[Approx | None, np.ndarray, floa
     """
     u, n = w.u, p.n
     terms = p.finite_terms()
-    plain = len(terms) == 1 and terms[0][0] == 1 and len(terms[0][1]) == 1
-    if not plain:
+    if not p.plain:
         z = _approx_z(p, w)
         if p.given is not None:
             t = z - Approx.exact(np.where(p.nonfinite_groups, 0, p.given[0])[:, None], w)

@@ -40,11 +40,6 @@ class Format:
         return float((2 - Fraction(1, 2 ** (self.precision - 1))) * Fraction(2) ** self.emax)
 
     @property
-    def unit_roundoff(self) -> float:
-        """u = 2**-p: the relative rounding error bound of round to nearest."""
-        return 2.0**-self.precision
-
-    @property
     def numpy_dtype(self) -> np.dtype[Any]:
         return np.dtype(_NUMPY_DTYPES[self.name])
 

@@ -63,7 +63,6 @@ def forward(p: Problem, out: Format, *, fast: bool = True) -> np.ndarray:
     # float32): every value stored is exactly representable, and no conversion pass follows.
     container = np.float32 if out.name == "bfloat16" else out.numpy_dtype
     if w is not None and G * K:
-        _ = p.bad_groups  # computed once here, then sliced for the row blocks
         result, decided = by_row_blocks(p, lambda block: fast_output(block, out, w), container)
     else:
         result, decided = np.full(p.shape, np.nan, container), np.zeros(p.shape, dtype=bool)

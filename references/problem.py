@@ -73,6 +73,11 @@ class Problem:
         assert self.widx is not None
         return vector[self.widx]
 
+    @property
+    def plain(self) -> bool:
+        """Whether ``z`` is one float array as it is (not a sum such as ``alpha*x + f``)."""
+        return len(self.z) == 1 and self.z[0][0] == 1 and len(self.z[0][1]) == 1
+
     @functools.cached_property
     def nonfinite_groups(self) -> np.ndarray:
         """Groups holding a NaN or infinity (in ``z`` or in given statistics)."""
@@ -121,9 +126,9 @@ class Problem:
             widx=None if self.widx is None else cut(self.widx),
             given=given,
         )
-        for cached in ("nonfinite_groups", "bad_groups"):  # computed once for the whole
-            if cached in self.__dict__:
-                sub.__dict__[cached] = self.__dict__[cached][which]
+        # The group masks are computed once, for the whole problem, and sliced.
+        sub.__dict__["nonfinite_groups"] = self.nonfinite_groups[which]
+        sub.__dict__["bad_groups"] = self.bad_groups[which]
         return sub
 
     # -- exact statistics ---------------------------------------------------------------------
@@ -174,25 +179,23 @@ def _exact_group_stats(p: Problem, g: int) -> GroupStats:
     return GroupStats(mean, total, var, s, 1 / s, r_prime)
 
 
-# -- fast statistics --------------------------------------------------------------------------
+# -- per-element weight and bias -----------------------------------------------------------------
+
+
+def values_at(
+    p: Problem, vector: np.ndarray | None, rows: np.ndarray | int, cols: np.ndarray | int
+) -> np.ndarray | None:
+    """The values of a per-weight vector at the elements ``(rows, cols)``, or None."""
+    if vector is None:
+        return None
+    assert p.widx is not None
+    return vector[np.broadcast_to(p.widx, p.shape)[rows, cols]]
 
 
 def value_at(p: Problem, vector: np.ndarray | None, g: int, k: int) -> float | None:
     """One element's value of a per-weight vector (bias, weight), or None."""
-    compact = p.compact(vector)
-    if compact is None:
-        return None
-    return float(compact[g if compact.shape[0] > 1 else 0, k if compact.shape[1] > 1 else 0])
-
-
-def values_at(
-    p: Problem, vector: np.ndarray | None, rows: np.ndarray, cols: np.ndarray
-) -> np.ndarray | None:
-    """The values of a per-weight vector at the elements ``(rows, cols)``, or None."""
-    compact = p.compact(vector)
-    if compact is None:
-        return None
-    return np.broadcast_to(compact, p.shape)[rows, cols]
+    value = values_at(p, vector, g, k)
+    return None if value is None else float(value)
 
 
 def exact_weight(p: Problem, index: tuple[int, int]) -> Fraction | None:
