@@ -7,6 +7,7 @@ blocks run in parallel threads; each element's rounding is certified or left to 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,7 @@ class FastStats:
     r_prime: Approx
     t_abs: np.ndarray | None = None  # |t|, kept when the statistics needed it anyway
 
-    @property
+    @functools.cached_property  # read several times by the backward pass
     def t(self) -> Approx:
         return Approx(self.t_value, self.t_alpha * np.abs(self.t_value) + self.t_beta, self.w)
 
