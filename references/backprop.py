@@ -8,6 +8,7 @@ values propagate as NaN: a non-finite input or upstream gradient in a group make
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -50,40 +51,60 @@ def grad_input(
     """``scale * (dL/dz + addend)`` for upstream gradient ``grad`` (``(G, K)``), correctly
     rounded into ``fmt``. ``addend`` is a second upstream gradient reaching ``z`` directly (the
     fused adds' residual output); ``scale`` is the exact factor of the summand (``alpha``)."""
+    return grad_inputs(p, grad, [(fmt, scale)], addend, fast=fast)[0]
+
+
+@np.errstate(all="ignore")
+def grad_inputs(
+    p: Problem,
+    grad: np.ndarray,
+    targets: Sequence[tuple[Format, Fraction]],
+    addend: np.ndarray | None = None,
+    *,
+    fast: bool = True,
+) -> list[np.ndarray]:
+    """:func:`grad_input` for several ``(fmt, scale)`` targets at once (DeepNorm and the fused
+    adds send ``dz`` to both summands): ``dz`` is computed once, on the fast path and exactly."""
     bad = _bad_grad_groups(p, grad)
     if addend is not None:
         bad |= ~np.isfinite(addend).all(axis=1)
-    result = np.full(p.shape, np.nan)
-    decided = np.zeros(p.shape, dtype=bool)
-    w = working_for(fmt) if fast else None
-    if w is not None and grad.size:
-        clean = np.where(bad[:, None], 0, grad)
-        dz = _fast_grad_input(p, clean, w)
-        if addend is not None:
-            dz = dz + Approx.exact(np.where(bad[:, None], 0, addend), w)
-        if scale != 1:
-            dz = dz * Approx.of_fraction(scale, w)
-        result, decided = certify(dz, fmt)
-    decided |= bad[:, None]
-    result[bad] = np.nan
+    clean = np.where(bad[:, None], 0, grad)
+    fast_dz: dict[Working, Approx] = {}
+    exact_dz: dict[tuple[int, int], Surd | None] = {}
     cache: dict[int, tuple[Fraction, Fraction]] = {}
-    rows, cols = undecided(decided)
-    if fast and scale == 1 and addend is None and rows.size:
-        # Before the exact path: double-double from exact group constants (float64 targets).
-        again, again_decided = doubled.grad_inputs(
-            p, grad, rows, cols, fmt, lambda g: _group_sums(p, grad, g, cache)
-        )
-        result[rows[again_decided], cols[again_decided]] = again[again_decided]
-        rows, cols = rows[~again_decided], cols[~again_decided]
-    for g, k in zip(rows, cols, strict=True):
-        value = _exact_grad_input(p, grad, int(g), int(k), cache)
-        if value is None:
-            result[g, k] = np.nan
-            continue
-        if addend is not None:
-            value = value + Fraction(float(addend[g, k]))
-        result[g, k] = round_surd(value * scale, fmt)
-    return result
+    results = []
+    for fmt, scale in targets:
+        result = np.full(p.shape, np.nan)
+        decided = np.zeros(p.shape, dtype=bool)
+        w = working_for(fmt) if fast else None
+        if w is not None and grad.size:
+            if w not in fast_dz:
+                dz = _fast_grad_input(p, clean, w)
+                if addend is not None:
+                    dz = dz + Approx.exact(np.where(bad[:, None], 0, addend), w)
+                fast_dz[w] = dz
+            dz = fast_dz[w]
+            result, decided = certify(dz if scale == 1 else dz * Approx.of_fraction(scale, w), fmt)
+        decided |= bad[:, None]
+        result[bad] = np.nan
+        rows, cols = undecided(decided)
+        if fast and scale == 1 and addend is None and rows.size:
+            # Before the exact path: double-double from exact group constants (float64).
+            again, again_decided = doubled.grad_inputs(
+                p, grad, rows, cols, fmt, lambda g: _group_sums(p, grad, g, cache)
+            )
+            result[rows[again_decided], cols[again_decided]] = again[again_decided]
+            rows, cols = rows[~again_decided], cols[~again_decided]
+        for g, k in zip(rows.tolist(), cols.tolist(), strict=True):
+            if (g, k) not in exact_dz:
+                value = _exact_grad_input(p, grad, g, k, cache)
+                if value is not None and addend is not None:
+                    value = value + Fraction(float(addend[g, k]))
+                exact_dz[g, k] = value
+            value = exact_dz[g, k]
+            result[g, k] = np.nan if value is None else round_surd(value * scale, fmt)
+        results.append(result)
+    return results
 
 
 def _fast_grad_input(p: Problem, grad: np.ndarray, w: Working) -> Approx:

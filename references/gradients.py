@@ -41,30 +41,35 @@ def _backward(
     grad_output: Any,
     out_dtype: object,
     *,
-    target: Operand | None = None,
-    scale: Fraction = Fraction(1),
+    targets: Sequence[tuple[Operand, Fraction]] = (),
     addend: Any = None,
-    affine: bool = True,
-) -> Gradients:
-    """Gradients of ``z`` (scaled by ``scale``, plus ``addend``, rounded into ``target``'s
-    dtype) and, when ``affine``, of the weight and bias."""
-    target = s.x if target is None else target
+) -> tuple[Gradients, list[Any]]:
+    """Gradients of the weight and bias, of the input (``Gradients.input``), and of each other
+    summand in ``targets``: ``scale * (dz + addend)`` rounded into that operand's dtype."""
     layout = s.layout
     g = layout.to_groups(_grad_operand(grad_output, s.x).values)
     extra = None
     if addend is not None:
         extra = layout.to_groups(_grad_operand(addend, s.x, "grad_residual_out").values)
-    fmt = output_format(out_dtype, target)
-    dz = backprop.grad_input(p, g, fmt, scale=scale, addend=extra)
-    w, b = (s.weight, s.bias) if affine else (None, None)
+    wanted = [(s.x, Fraction(1)), *targets]
+    formats = [output_format(out_dtype, operand) for operand, _ in wanted]
+    dzs = backprop.grad_inputs(
+        p, g, [(fmt, scale) for fmt, (_, scale) in zip(formats, wanted, strict=True)], extra
+    )
+    answers = [
+        answer(layout.from_groups(dz), fmt, operand)
+        for dz, fmt, (operand, _) in zip(dzs, formats, wanted, strict=True)
+    ]
+    w, b = s.weight, s.bias
     dw, db = backprop.grad_affine(
         p, g, layout.weights, None if w is None else w.fmt, None if b is None else b.fmt
     )
-    return Gradients(
-        input=answer(layout.from_groups(dz), fmt, target),
+    grads = Gradients(
+        input=answers[0],
         weight=None if dw is None or w is None else answer(dw.reshape(w.shape), w.fmt, w),
         bias=None if db is None or b is None else answer(db.reshape(b.shape), b.fmt, b),
     )
+    return grads, answers[1:]
 
 
 def layer_norm_backward(
@@ -92,7 +97,7 @@ def layer_norm_backward(
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    return _backward(s, s.problem(), grad_output, out_dtype)
+    return _backward(s, s.problem(), grad_output, out_dtype)[0]
 
 
 def rms_norm_backward(
@@ -119,7 +124,7 @@ def rms_norm_backward(
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    return _backward(s, s.problem(), grad_output, out_dtype)
+    return _backward(s, s.problem(), grad_output, out_dtype)[0]
 
 
 def group_norm_backward(
@@ -147,7 +152,7 @@ def group_norm_backward(
         eps_placement=eps_placement,
         weight_offset=weight_offset,
     )
-    return _backward(s, s.problem(), grad_output, out_dtype)
+    return _backward(s, s.problem(), grad_output, out_dtype)[0]
 
 
 def batch_norm_backward(
@@ -180,7 +185,7 @@ def batch_norm_backward(
     )
     channels = s.layout.groups
     given = None if training else given_statistics(running_mean, running_var, channels, 1)
-    return _backward(s, s.problem(given), grad_output, out_dtype)
+    return _backward(s, s.problem(given), grad_output, out_dtype)[0]
 
 
 def instance_norm_backward(
@@ -212,7 +217,7 @@ def instance_norm_backward(
     )
     n, c = s.x.shape[0], s.x.shape[1]
     given = None if use_input_stats else given_statistics(running_mean, running_var, c, n)
-    return _backward(s, s.problem(given), grad_output, out_dtype)
+    return _backward(s, s.problem(given), grad_output, out_dtype)[0]
 
 
 def deep_norm_backward(
@@ -245,10 +250,12 @@ def deep_norm_backward(
         weight_offset=weight_offset,
         summand=Summand(sublayer_output, "sublayer_output", alpha, True, add_rounding),
     )
-    p = s.problem()
-    base = _backward(s, p, grad_output, out_dtype, target=s.other)
-    scaled = _backward(s, p, grad_output, out_dtype, scale=s.scales[0], affine=False)
-    return base._replace(input=scaled.input, sublayer_output=base.input)
+    assert s.other is not None
+    # z = alpha * input + sublayer_output: the input's share is alpha * dz.
+    grads, (of_input,) = _backward(
+        s, s.problem(), grad_output, out_dtype, targets=[(s.x, s.scales[0])]
+    )
+    return grads._replace(input=of_input, sublayer_output=grads.input)
 
 
 def _fused_add_backward(
@@ -280,19 +287,17 @@ def _fused_add_backward(
         weight_offset=weight_offset,
         summand=Summand(residual, "residual", alpha, False, add_rounding),
     )
-    p = s.problem()
-    base = _backward(s, p, grad_output, out_dtype, addend=grad_residual_out)
-    scaled = _backward(
+    assert s.other is not None
+    # z = input + alpha * residual: the residual's share is alpha * dz.
+    grads, (of_residual,) = _backward(
         s,
-        p,
+        s.problem(),
         grad_output,
         out_dtype,
-        target=s.other,
-        scale=s.scales[1],
+        targets=[(s.other, s.scales[1])],
         addend=grad_residual_out,
-        affine=False,
     )
-    return base._replace(residual=scaled.input)
+    return grads._replace(residual=of_residual)
 
 
 def fused_add_rms_norm_backward(
