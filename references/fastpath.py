@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -73,6 +73,55 @@ def _row_sum(
     if w is LONG_DOUBLE_WORKING:
         return cascaded_sum(values)
     return blocked_sum(values, nonnegative=nonnegative, magnitude=not nonnegative)
+
+
+class GroupFastStats(NamedTuple):
+    """The per-group part of :class:`FastStats`: what statistics and running updates need."""
+
+    mean: Approx | None
+    total: Approx | None
+    r: Approx
+
+
+def group_stats(p: Problem, w: Working) -> GroupFastStats:
+    """Per-group fast statistics: those the forward pass's row blocks left behind, if any."""
+    if w not in p._group_fast_stats:
+        st = fast_stats(p, w)
+        p._group_fast_stats[w] = GroupFastStats(st.mean, st.total, st.r)
+    return p._group_fast_stats[w]
+
+
+class GroupStatsRecorder:
+    """Collects the per-group fast statistics of the forward pass's row blocks into the whole
+    problem's cache, so that statistics and running updates after it do not compute them
+    again."""
+
+    def __init__(self, p: Problem, w: Working):
+        self.p, self.w = p, w
+        self.parts: dict[str, np.ndarray] = {}
+
+    def record(self, block: Problem, rows: slice) -> None:
+        st = fast_stats(block, self.w)  # cached on the block: no recomputation
+        for name, value in (("mean", st.mean), ("total", st.total), ("r", st.r)):
+            if value is None:
+                continue
+            for suffix, array in (("v", value.v), ("e", value.e)):
+                key = name + suffix
+                if key not in self.parts:
+                    self.parts[key] = np.empty((self.p.shape[0], 1), dtype=self.w.dtype)
+                self.parts[key][rows] = np.broadcast_to(array, value.v.shape)
+
+    def publish(self) -> None:
+        """Store the collected statistics (call once every block has been recorded)."""
+
+        def get(name: str) -> Approx | None:
+            if name + "v" not in self.parts:
+                return None
+            return Approx(self.parts[name + "v"], self.parts[name + "e"], self.w)
+
+        r = get("r")
+        if r is not None:
+            self.p._group_fast_stats[self.w] = GroupFastStats(get("mean"), get("total"), r)
 
 
 def fast_stats(p: Problem, w: Working) -> FastStats:
@@ -188,7 +237,7 @@ BLOCK_ELEMENTS = 1 << 16
 
 def by_row_blocks(
     p: Problem,
-    fast: Callable[[Problem], tuple[np.ndarray, np.ndarray]],
+    fast: Callable[[Problem, slice], tuple[np.ndarray, np.ndarray]],
     dtype: np.dtype[Any] | type = np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run a row-local fast computation on blocks of rows, in parallel threads (NumPy releases
@@ -201,7 +250,7 @@ def by_row_blocks(
     def run(start: int) -> None:
         block = slice(start, min(start + step, G))
         with np.errstate(all="ignore"):  # error state is per thread
-            values[block], decided[block] = fast(p.rows(block))
+            values[block], decided[block] = fast(p.rows(block), block)
 
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         list(pool.map(run, range(0, G, step)))

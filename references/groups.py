@@ -33,7 +33,13 @@ import numpy as np
 from references import doubled
 from references.exact import lincomb_at, round_surd
 from references.fast import FLOAT64_WORKING, LONG_DOUBLE_WORKING, Approx, certify, working_for
-from references.fastpath import by_row_blocks, fast_output, fast_stats, undecided
+from references.fastpath import (
+    GroupStatsRecorder,
+    by_row_blocks,
+    fast_output,
+    group_stats,
+    undecided,
+)
 from references.formats import FLOAT64, Format
 from references.problem import Convention, GroupStats, Problem, exact_weight, value_at
 
@@ -63,7 +69,15 @@ def forward(p: Problem, out: Format, *, fast: bool = True) -> np.ndarray:
     # float32): every value stored is exactly representable, and no conversion pass follows.
     container = np.float32 if out.name == "bfloat16" else out.numpy_dtype
     if w is not None and G * K:
-        result, decided = by_row_blocks(p, lambda block: fast_output(block, out, w), container)
+        recorder = GroupStatsRecorder(p, w)
+
+        def block_output(block: Problem, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+            values = fast_output(block, out, w)
+            recorder.record(block, rows)
+            return values
+
+        result, decided = by_row_blocks(p, block_output, container)
+        recorder.publish()
     else:
         result, decided = np.full(p.shape, np.nan, container), np.zeros(p.shape, dtype=bool)
     nan = _nan_outputs(p)
@@ -117,7 +131,7 @@ def statistics(
     rstd_ok = np.zeros(G, dtype=bool)
     w = working_for(fmt) if fast else None
     if w is not None and G and p.n:
-        stats = fast_stats(p, w)
+        stats = group_stats(p, w)
         if mean is not None and stats.mean is not None:
             mean, mean_ok = (x.ravel() for x in certify(stats.mean, fmt))
         rstd, rstd_ok = (x.ravel() for x in certify(stats.r, fmt))
@@ -167,7 +181,7 @@ def running_update(
     undefined = p.nonfinite_groups[members].any(axis=1) | ~np.isfinite(old) | (divisor <= 0)
     w = working_for(fmt) if fast else None
     if w is not None and entries and pooled and divisor > 0 and p.n:
-        stats = fast_stats(p, w)
+        stats = group_stats(p, w)
         stat = stats.mean if which == "mean" else stats.total
         assert stat is not None
         per_group = Approx(stat.v.ravel()[members], stat.e.ravel()[members], w)

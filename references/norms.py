@@ -211,6 +211,7 @@ def batch_norm(
     )
     channels = s.layout.groups
     p = s.problem(None if training else given_statistics(running_mean, running_var, channels, 1))
+    result = finish(s, out_dtype, return_stats, p)  # first: its statistics are reused below
     if training:
         update_running_stats(
             p,
@@ -220,7 +221,7 @@ def batch_norm(
             momentum_factors(momentum, num_batches_tracked, momentum_weights),
             running_variance,
         )
-    return finish(s, out_dtype, return_stats, p)
+    return result
 
 
 def instance_norm(
@@ -257,6 +258,7 @@ def instance_norm(
     )
     n, c = s.x.shape[0], s.x.shape[1]
     p = s.problem(None if use_input_stats else given_statistics(running_mean, running_var, c, n))
+    result = finish(s, out_dtype, return_stats, p)  # first: its statistics are reused below
     if use_input_stats and (running_mean is not None or running_var is not None):
         members = (np.arange(n)[None, :] * c + np.arange(c)[:, None]).astype(np.int64)
         update_running_stats(
@@ -267,7 +269,7 @@ def instance_norm(
             momentum_factors(momentum, num_batches_tracked, momentum_weights),
             running_variance,
         )
-    return finish(s, out_dtype, return_stats, p)
+    return result
 
 
 # -- DeepNorm and the fused residual adds -----------------------------------------------------

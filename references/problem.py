@@ -19,7 +19,7 @@ from references.exact import LinComb, Surd, lincomb_product, lincomb_sum
 
 if TYPE_CHECKING:
     from references.fast import Working
-    from references.fastpath import FastStats
+    from references.fastpath import FastStats, GroupFastStats
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class Problem:
     given: tuple[np.ndarray, np.ndarray] | None = None
     _exact_stats: dict[int, GroupStats] = field(default_factory=dict, repr=False)
     _fast_stats: dict[Working, FastStats] = field(default_factory=dict, repr=False)
+    _group_fast_stats: dict[Working, GroupFastStats] = field(default_factory=dict, repr=False)
 
     # -- layout helpers -----------------------------------------------------------------------
     @property
