@@ -116,7 +116,7 @@ def _bucket_sum(significand: np.ndarray, exponent: np.ndarray, headroom: int) ->
     significand, exponent = significand[nonzero], exponent[nonzero]
     if not significand.size:
         return Fraction(0)
-    order = np.argsort(exponent, kind="stable")
+    order = np.argsort(exponent.astype(np.int16), kind="stable")  # radix sort: exponents fit
     significand, exponent = significand[order], exponent[order]
     chunk = 1 << min(headroom, 40)
     # Start a partial sum at each new exponent and every ``chunk`` terms within one.
