@@ -98,30 +98,44 @@ class GroupStatsRecorder:
 
     def __init__(self, p: Problem, w: Working):
         self.p, self.w = p, w
-        self.parts: dict[str, np.ndarray] = {}
+        # Allocated here, before the worker threads write their rows: which statistics exist
+        # is known up front (a mean when centred or given, a sum of squares unless given).
+        names = ["r"]
+        if p.conv.center or p.given is not None:
+            names.append("mean")
+        if p.given is None:
+            names.append("total")
+        self.parts = {
+            name + part: np.empty((p.shape[0], 1), dtype=w.dtype)
+            for name in names
+            for part in ("v", "e")
+        }
+        self.recorded: list[tuple[str, int]] = []  # (name, rows): appends are atomic
 
     def record(self, block: Problem, rows: slice) -> None:
         st = fast_stats(block, self.w)  # cached on the block: no recomputation
         for name, value in (("mean", st.mean), ("total", st.total), ("r", st.r)):
-            if value is None:
-                continue
-            for suffix, array in (("v", value.v), ("e", value.e)):
-                key = name + suffix
-                if key not in self.parts:
-                    self.parts[key] = np.empty((self.p.shape[0], 1), dtype=self.w.dtype)
-                self.parts[key][rows] = np.broadcast_to(array, value.v.shape)
+            if value is not None and name + "v" in self.parts:
+                self.parts[name + "v"][rows] = value.v
+                self.parts[name + "e"][rows] = np.broadcast_to(value.e, value.v.shape)
+                self.recorded.append((name, block.shape[0]))
 
     def publish(self) -> None:
         """Store the collected statistics (call once every block has been recorded)."""
 
+        names = {key[:-1] for key in self.parts}
+        for name in names:  # all or nothing: a statistic with unwritten rows is not published
+            if sum(rows for n, rows in self.recorded if n == name) != self.p.shape[0]:
+                return
+
         def get(name: str) -> Approx | None:
-            if name + "v" not in self.parts:
+            if name not in names:
                 return None
             return Approx(self.parts[name + "v"], self.parts[name + "e"], self.w)
 
         r = get("r")
-        if r is not None:
-            self.p._group_fast_stats[self.w] = GroupFastStats(get("mean"), get("total"), r)
+        assert r is not None
+        self.p._group_fast_stats[self.w] = GroupFastStats(get("mean"), get("total"), r)
 
 
 def fast_stats(p: Problem, w: Working) -> FastStats:
