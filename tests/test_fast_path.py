@@ -237,3 +237,30 @@ def test_double_double_weight_gradient_step_agrees_with_exact() -> None:
     exact, _ = backprop.grad_affine(p, g, 48, fmt, None, fast=False)
     assert exact is not None
     assert_same_rounding(values[decided], exact[decided], "double-double dweight")
+
+
+def test_statistics_after_forward_reuse_the_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a forward pass, statistics and running updates take the per-group fast statistics
+    the row blocks (here many small ones, on worker threads) recorded; they must equal the
+    exact ones."""
+    monkeypatch.setattr(fastpath, "BLOCK_ELEMENTS", 64)
+    fmt = FORMATS["float32"]
+    rng = np.random.default_rng(21)
+    x = narrow(rng.standard_normal((200, 16)) * 4 + 3, fmt)
+    p = problem(x, CONVENTIONS["layer-unbiased-outside"])
+    groups.forward(p, fmt)
+    assert p._group_fast_stats  # the recorder published
+    exact = problem(x, CONVENTIONS["layer-unbiased-outside"])
+    for recorded, computed in zip(
+        groups.statistics(p, fmt), groups.statistics(exact, fmt, fast=False), strict=True
+    ):
+        assert recorded is not None
+        assert computed is not None
+        assert_same_rounding(recorded, computed, "statistics")
+    old, members = narrow(rng.standard_normal(200), fmt), np.arange(200)[:, None]
+    args = ("unbiased", Fraction(1, 10), Fraction(9, 10), fmt, members)
+    assert_same_rounding(
+        groups.running_update(p, old, *args),
+        groups.running_update(exact, old, *args, fast=False),
+        "running variance",
+    )
