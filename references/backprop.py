@@ -208,19 +208,20 @@ def _reduce(
     fast: bool,
 ) -> np.ndarray:
     result, decided = np.full(count, np.nan), np.zeros(count, dtype=bool)
+    by_column = _one_weight_per_column(p, count)  # LayerNorm's layout: column sums
     w = working_for(fmt) if fast else None
     if w is not None and grad.size:
         term = Approx.exact(grad, w)
         if with_xhat:
             stats = fast_stats(p, w)
             term = term * (stats.t * stats.r)
-        if _one_weight_per_column(p, count):
-            summed = term.sum(axis=0, keepdims=False)  # LayerNorm's layout: a column sum
+        if by_column:
+            summed = term.sum(axis=0, keepdims=False)
         else:
             summed = term.sum_by(index, count)
         result, decided = certify(summed, fmt)
     columns = np.flatnonzero(~decided)
-    if fast and with_xhat and columns.size and _one_weight_per_column(p, count):
+    if fast and with_xhat and columns.size and by_column:
         again, again_decided = doubled.weight_grads(p, grad, columns, fmt)
         result[columns[again_decided]] = again[again_decided]
         columns = columns[~again_decided]

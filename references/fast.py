@@ -158,16 +158,16 @@ class Approx:
     def sum_by(self, index: np.ndarray, count: int) -> Approx:
         """Sums of the elements sharing each value of ``index`` (0..count-1), as a 1-D Approx."""
         index = np.broadcast_to(index, self.v.shape).ravel()
+        if self.w.dtype is not np.float64:
+            # bincount accumulates in float64 only; long double sums go row by row instead.
+            return _sum_by_sorting(self, index, count)
         n = int(np.bincount(index, minlength=count).max(initial=0))
         gamma_prev, gamma = _gamma(max(n - 1, 0), self.w.u), _gamma(n, self.w.u)
 
         def by(values: np.ndarray) -> np.ndarray:
-            flat = np.broadcast_to(values, self.v.shape).ravel().astype(np.float64)
-            return np.bincount(index, weights=flat, minlength=count).astype(self.w.dtype)
+            flat = np.broadcast_to(values, self.v.shape).ravel()
+            return np.bincount(index, weights=flat, minlength=count)
 
-        if self.w.dtype is not np.float64:
-            # bincount accumulates in float64 only; long double sums go row by row instead.
-            return _sum_by_sorting(self, index, count)
         e = (by(self.e) + gamma_prev * by(np.abs(self.v))) * (1 + gamma)
         return Approx(by(self.v), e, self.w)
 
