@@ -1,0 +1,194 @@
+"""``report.md``: the human-readable report (GitHub-flavoured Markdown).
+
+Layout: title with the adapter's name and the verdict; the run's facts (adapter, hardware,
+software, seed, timing, command); the norm x dtype matrix of worst grades (the rule is in
+:mod:`conformance.summary`); a table per check kind; then every failure, grouped by norm, with
+its :func:`~conformance.messages.failure_message` and its reproduction command.
+
+Every string in a report may come from the adapter under test (its name, exception texts,
+diagnoses built from its output), so none is trusted as markup: inline text goes through
+:func:`escape` (HTML-significant characters become entities, Markdown punctuation is
+backslash-escaped, line breaks and control characters cannot start a new block) and multi-line
+text goes into fenced code blocks whose fence is longer than any backtick run inside.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from conformance.messages import failure_message, grade_words, is_control
+from conformance.results import CheckResult, RunRecord
+from conformance.summary import (
+    NORM_ORDER,
+    NOT_RUN,
+    SKIPPED,
+    UNGRADED_PASS,
+    cell_outcome,
+    grade_matrix,
+    kinds_in,
+    ordered,
+)
+
+#: How each cell outcome is shown: a symbol (for scanning) and words (for reading).
+OUTCOME_LABELS = {
+    "correctly_rounded": "✅ correctly rounded",
+    "faithful": "🟢 faithful",
+    "within_tolerance": "🟡 within tolerance",
+    "fail": "❌ fail",
+    UNGRADED_PASS: "✔️ pass",
+    SKIPPED: "— skipped",
+    NOT_RUN: "— not run",
+}
+
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+# Characters that open or close inline constructs: code spans, emphasis, links and images,
+# table cells, strikethrough, GitHub's math. Block-level markers (#, -, 1.) need no escape
+# because escaped text never starts a line. A backslash before ASCII punctuation is a literal.
+_BACKSLASHED = frozenset("\\`*_[]|~$")
+
+
+def escape(text: object) -> str:
+    """``text`` as inline Markdown that renders literally and stays on one line."""
+    out = []
+    for ch in str(text):
+        if ch in _ENTITIES:
+            out.append(_ENTITIES[ch])
+        elif ch in _BACKSLASHED:
+            out.append("\\" + ch)
+        elif ch in "\t\r\n" or is_control(ch):
+            out.append(" ")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def code_block(text: str, info: str = "") -> str:
+    """``text`` in a fenced code block that nothing inside it can close."""
+    clean = "".join(ch if ch in "\n\t" or not is_control(ch) else "\ufffd" for ch in text)
+    longest = max((len(run) for run in re.findall(r"`+", clean)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{info}\n{clean}\n{fence}"
+
+
+def render_markdown(record: RunRecord) -> str:
+    """The whole report as Markdown text (ends with a newline)."""
+    sections = [
+        _header(record),
+        _facts(record),
+        _matrix(record),
+        _kinds(record),
+        _failures(record),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def adapter_name(record: RunRecord) -> str:
+    """The adapter's display name, falling back to its spec."""
+    return str(record.adapter.get("name") or record.adapter.get("spec") or "unnamed adapter")
+
+
+def _header(record: RunRecord) -> str:
+    counts = record.summary()
+    verdict = "✅ PASS" if record.verdict == "pass" else "❌ FAIL"
+    return (
+        f"# normconf report: {escape(adapter_name(record))}\n\n"
+        f"**Verdict: {verdict}**: {len(record.checks)} checks, {counts['pass']} passed, "
+        f"{counts['fail']} failed, {counts['skip']} skipped"
+    )
+
+
+def _facts(record: RunRecord) -> str:
+    rows = [
+        ("Adapter", _mapping(record.adapter)),
+        ("Hardware", _mapping(record.hardware)),
+        ("Software", _mapping(record.software)),
+        ("Seed", escape(record.seed)),
+        ("Battery", "quick" if record.quick else "full"),
+        ("Started", escape(record.started)),
+        ("Finished", escape(record.finished)),
+    ]
+    table = _table(["", ""], [[f"**{k}**", v or "—"] for k, v in rows])
+    return f"{table}\n\nCommand:\n\n{code_block(record.command, 'sh')}"
+
+
+def _mapping(values: Mapping[str, Any]) -> str:
+    return "; ".join(f"{escape(k)}: {escape(_plain(v))}" for k, v in values.items())
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _matrix(record: RunRecord) -> str:
+    norms, dtypes, cells = grade_matrix(record)
+    if not norms:
+        return "## Grades\n\nNo checks ran."
+    rows = [
+        [
+            escape(norm),
+            *(OUTCOME_LABELS.get(cells[norm, d], escape(cells[norm, d])) for d in dtypes),
+        ]
+        for norm in norms
+    ]
+    table = _table(["norm", *(escape(d) for d in dtypes)], rows)
+    return f"## Grades by norm and dtype\n\nWorst grade over each cell's checks.\n\n{table}"
+
+
+def _kinds(record: RunRecord) -> str:
+    if not record.checks:
+        return ""
+    rows = []
+    for kind in kinds_in(record):
+        checks = [c for c in record.checks if c.kind == kind]
+        counts = {v: sum(c.verdict == v for c in checks) for v in ("pass", "fail", "skip")}
+        worst = cell_outcome(checks)
+        rows.append(
+            [
+                escape(kind),
+                str(len(checks)),
+                str(counts["pass"]),
+                str(counts["fail"]),
+                str(counts["skip"]),
+                OUTCOME_LABELS.get(worst, escape(worst)),
+            ]
+        )
+    table = _table(["kind", "checks", "passed", "failed", "skipped", "worst grade"], rows)
+    return f"## Checks by kind\n\n{table}"
+
+
+def _failures(record: RunRecord) -> str:
+    failed = [c for c in record.checks if c.verdict == "fail"]
+    if not failed:
+        return "## Failures\n\nNone."
+    parts = [f"## Failures ({len(failed)})"]
+    for norm in ordered((c.norm for c in failed), NORM_ORDER):
+        parts.append(f"### {escape(norm)}")
+        parts.extend(_failure(c) for c in failed if c.norm == norm)
+    return "\n\n".join(parts)
+
+
+def _failure(check: CheckResult) -> str:
+    title = (
+        f"#### {escape(check.check_id)}\n\n"
+        f"{escape(check.dtype)} · {escape(check.kind)} · {escape(check.output)} · "
+        f"shape {escape(check.shape)} · {escape(check.distribution)} · "
+        f"grade: {escape(grade_words(check.grade))}"
+    )
+    body = code_block(failure_message(check, include_reproduction=False))
+    if check.reproduce:
+        body += f"\n\nReproduce:\n\n{code_block(check.reproduce, 'sh')}"
+    return f"{title}\n\n{body}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines.extend("| " + " | ".join(row) + " |" for row in rows)
+    return "\n".join(lines)
