@@ -1,0 +1,343 @@
+"""Run one case through an adapter and grade every output it returns.
+
+For a case the checks are, in order: ``contract`` (the call returns tensors of the right shape,
+dtype and device, raises nothing, leaves its inputs alone), ``forward`` (or ``nonfinite`` for
+inputs with NaN/Inf: the output and, for the add-norms, the new residual), ``backward`` (the
+gradients autograd gives for the input, weight, bias and residual) and ``running_stats``
+(BatchNorm in training). Every comparison is against the correctly rounded reference with the
+tolerance model's per-element bound, and a failure gets a diagnosis from
+:mod:`conformance.fingerprint`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from conformance import bounds, fingerprint, metrics
+from conformance.cases import Case
+from conformance.expected import Expected, expected
+from conformance.inputs import CaseInputs, build_inputs, to_numpy, to_tensor, torch_dtype
+from conformance.results import CheckResult
+from conformance.specs import call_arguments, call_keywords, spec
+
+_DIFFERENTIABLE = ("input", "weight", "bias", "residual", "sublayer_output")
+
+
+@dataclass
+class Target:
+    """What is certified: the adapter, where, and under which convention."""
+
+    adapter: Any
+    device: str
+    conventions: Mapping[str, Mapping[str, Any]]
+    reproduce: Callable[[Case], str]
+
+    def convention(self, norm: str) -> dict[str, Any]:
+        return spec(norm).convention(self.conventions.get(norm, {}))
+
+
+@dataclass
+class CallOutcome:
+    """What the adapter returned for one call, as float64 arrays, or why there is nothing."""
+
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: dict[str, Any] = field(default_factory=dict)
+    leaves: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+class _Recorder:
+    def __init__(self, case: Case, target: Target, convention: dict[str, Any]) -> None:
+        self.case, self.target, self.convention = case, target, convention
+        self.results: list[CheckResult] = []
+        self.started = time.perf_counter()
+
+    def add(self, kind: str, output: str, verdict: str, **fields: Any) -> CheckResult:
+        c = self.case
+        result = CheckResult(
+            case_id=c.case_id,
+            norm=c.norm,
+            dtype=c.dtype,
+            kind=kind,
+            output=output,
+            shape=c.shape,
+            distribution=c.distribution,
+            layout=c.layout,
+            seed=c.seed,
+            verdict=verdict,
+            reproduce=self.target.reproduce(c),
+            convention=self.convention,
+            duration_s=time.perf_counter() - self.started,
+            **fields,
+        )
+        self.results.append(result)
+        return result
+
+
+def run_case(target: Target, case: Case) -> list[CheckResult]:
+    """Every check of ``case`` for ``target``; never raises for an adapter's misbehaviour."""
+    adapter, norm = target.adapter, case.norm
+    rec = _Recorder(case, target, target.convention(norm))
+    if not adapter.supports(norm, case.dtype, target.device):
+        why = f"{adapter.name} does not declare {norm} in {case.dtype} on {target.device}"
+        rec.add("forward", "call", "skip", message=why)
+        return rec.results
+    inputs = build_inputs(case)
+    want_backward = bool(adapter.backward.get(norm, False))
+    outcome = call_adapter(adapter.functions[norm], inputs, target.device, want_backward)
+    _contract(rec, inputs, outcome)
+    if "output" not in outcome.values:
+        return rec.results
+    exp = expected(inputs, rec.convention, backward=want_backward)
+    model = bounds.case_model(
+        inputs,
+        rec.convention,
+        exp.values,
+        accumulation=getattr(adapter, "accumulation", None),
+        reduction=adapter.reduction,
+    )
+    kind = "nonfinite" if case.distribution == "nonfinite" else "forward"
+    reference = exp.values["output"]
+    _compare(
+        rec, kind, "output", outcome, exp, lambda m: bounds.forward(m, reference), inputs, model
+    )
+    if "residual_out" in outcome.values:
+        _compare(
+            rec,
+            kind,
+            "residual_out",
+            outcome,
+            exp,
+            lambda m: bounds.residual(m, inputs),
+            inputs,
+            model,
+        )
+    if case.norm == "batch_norm" and case.training:
+        _running_stats(rec, inputs, outcome, exp, model)
+    if want_backward and kind == "forward":
+        _backward(rec, inputs, outcome, exp, model, target.device)
+    return rec.results
+
+
+def call_adapter(
+    fn: Callable[..., Any], inputs: CaseInputs, device: str, grad: bool
+) -> CallOutcome:
+    """Call ``fn`` on fresh tensors; record the outputs, the leaves and any contract problem."""
+    case, out = inputs.case, CallOutcome()
+    s = spec(case.norm)
+    for name, array in inputs.arrays.items():
+        if array is None:
+            continue
+        layout = case.layout if name in ("input", "residual", "sublayer_output") else "contiguous"
+        needs_grad = grad and name in _DIFFERENTIABLE
+        out.leaves[name] = to_tensor(array, device, layout, needs_grad)
+    before = {k: t.detach().clone() for k, t in out.leaves.items()}
+    args = call_arguments(case.norm, {**inputs.arrays, **out.leaves}, inputs.params)
+    try:
+        result = fn(*args, **call_keywords(case.norm, inputs.params))
+    except Exception as exc:  # the adapter's failure is a finding, not ours
+        out.problems.append(f"raised {type(exc).__name__}: {_first_line(exc)}")
+        return out
+    names = ("output", "residual_out") if s.fused else ("output",)
+    returned = result if s.fused else (result,)
+    if s.fused and (not isinstance(result, tuple | list) or len(result) != 2):
+        out.problems.append(f"returned {type(result).__name__}; expected (output, residual_out)")
+        return out
+    for name, value in zip(names, returned, strict=True):
+        problem = _tensor_problem(value, case, device)
+        if problem:
+            out.problems.append(f"{name}: {problem}")
+            continue
+        out.tensors[name] = value
+        out.values[name] = to_numpy(value)
+    _mutation_problems(out, before, case)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _tensor_problem(value: Any, case: Case, device: str) -> str | None:
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return f"returned a {type(value).__module__}.{type(value).__name__}, not a torch.Tensor"
+    if tuple(value.shape) != case.shape:
+        return f"shape {tuple(value.shape)}, expected {case.shape}"
+    if value.dtype != torch_dtype(case.dtype):
+        return f"dtype {value.dtype}, expected torch.{case.dtype}"
+    if value.device.type != torch.device(device).type:
+        return f"on device {value.device}, expected {device}"
+    return None
+
+
+def _mutation_problems(out: CallOutcome, before: Mapping[str, Any], case: Case) -> None:
+    import torch
+
+    for name, original in before.items():
+        if name in ("running_mean", "running_var") and case.norm == "batch_norm":
+            continue  # updated in place by contract when training
+        now = out.leaves[name].detach()
+        if not torch.equal(torch.nan_to_num(now), torch.nan_to_num(original)) or not torch.equal(
+            now.isnan(), original.isnan()
+        ):
+            out.problems.append(f"changed its argument {name!r} in place")
+
+
+def _contract(rec: _Recorder, inputs: CaseInputs, outcome: CallOutcome) -> None:
+    if outcome.problems:
+        rec.add("contract", "call", "fail", message="; ".join(outcome.problems))
+    else:
+        rec.add("contract", "call", "pass", message="tensors of the right shape, dtype, device")
+
+
+def _compare(
+    rec: _Recorder,
+    kind: str,
+    name: str,
+    outcome: CallOutcome,
+    exp: Expected,
+    bound_for: Callable[[bounds.CaseModel], np.ndarray],
+    inputs: CaseInputs,
+    model: bounds.CaseModel,
+) -> None:
+    actual, reference = outcome.values[name], exp.values[name]
+    dtype = _stats_dtype(rec.case.dtype) if name in ("mean", "rstd") else rec.case.dtype
+    ungraded = _undefined_elements(inputs, model, name)
+    note = ""
+    if ungraded is not None and ungraded.any():
+        # A group holding ±inf (and no NaN) has no defined result: the formula's IEEE
+        # evaluation and its limit disagree. Those elements are reported, not graded.
+        actual = np.where(ungraded, reference, actual)
+        note = f"; {int(ungraded.sum())} elements of groups holding ±inf not graded"
+    with np.errstate(all="ignore"):
+        bound = np.broadcast_to(bound_for(model), reference.shape)
+        m = metrics.compare(actual, reference, bound, dtype)
+    grade = metrics.grade(m)
+    verdict = "fail" if grade == "fail" else "pass"
+    diagnosis = None
+    if verdict == "fail":
+        with np.errstate(all="ignore"):
+            diagnosis = fingerprint.diagnose(
+                kind, name, inputs, rec.convention, actual, exp, model, m, bound_for
+            )
+    rec.add(
+        kind,
+        name,
+        verdict,
+        grade=grade,
+        metrics=m,
+        diagnosis=diagnosis,
+        message=f"{name}: {grade.replace('_', ' ')}{note}",
+    )
+
+
+def _undefined_elements(
+    inputs: CaseInputs, model: bounds.CaseModel, name: str
+) -> np.ndarray | None:
+    if inputs.case.distribution != "nonfinite" or name == "residual_out":
+        return None
+    rows = model.rows(bounds.normalised_input(inputs, model.convention, {}))
+    inf_only = np.isinf(rows).any(axis=1) & ~np.isnan(rows).any(axis=1)
+    if name in ("running_mean", "running_var"):
+        return inf_only
+    return model.back(np.broadcast_to(inf_only[:, None], rows.shape))
+
+
+def _stats_dtype(dtype: str) -> str:
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+
+def _running_stats(
+    rec: _Recorder, inputs: CaseInputs, outcome: CallOutcome, exp: Expected, model: bounds.CaseModel
+) -> None:
+    from conformance import tolerance
+
+    for name in ("running_mean", "running_var"):
+        actual = to_numpy(outcome.leaves[name])
+        outcome.values[name] = actual
+        old = np.asarray(inputs.arrays[name], dtype=np.float64)
+
+        def bound(m: bounds.CaseModel, name: str = name, old: np.ndarray = old) -> np.ndarray:
+            return tolerance.running_stats_bound(
+                name,
+                old,
+                exp.values[name],
+                m.stats,
+                rec.case.momentum,
+                out_dtype=rec.case.dtype,
+                acc_unit=m.acc_unit,
+            )
+
+        _compare(rec, "running_stats", name, outcome, exp, bound, inputs, model)
+
+
+def _backward(
+    rec: _Recorder,
+    inputs: CaseInputs,
+    outcome: CallOutcome,
+    exp: Expected,
+    model: bounds.CaseModel,
+    device: str,
+) -> None:
+    import torch
+
+    grads = {k: to_tensor(v, device) for k, v in inputs.grads.items() if v is not None}
+    outputs = [outcome.tensors["output"]]
+    upstream = [grads["grad_output"]]
+    if "residual_out" in outcome.tensors and "grad_residual_out" in grads:
+        outputs.append(outcome.tensors["residual_out"])
+        upstream.append(grads["grad_residual_out"])
+    try:
+        torch.autograd.backward(outputs, upstream)
+    except Exception as exc:
+        rec.add(
+            "backward",
+            "call",
+            "fail",
+            message=f"backward raised {type(exc).__name__}: {_first_line(exc)}",
+        )
+        return
+    g_out = np.asarray(inputs.grads["grad_output"], dtype=np.float64)
+    for leaf, name in (
+        ("input", "grad_input"),
+        ("weight", "grad_weight"),
+        ("bias", "grad_bias"),
+        ("residual", "grad_residual"),
+        ("sublayer_output", "grad_sublayer_output"),
+    ):
+        if name not in exp.values or leaf not in outcome.leaves:
+            continue
+        tensor = outcome.leaves[leaf].grad
+        if tensor is None:
+            rec.add("backward", name, "fail", message=f"{name}: autograd gave no gradient")
+            continue
+        outcome.values[name] = to_numpy(tensor)
+
+        def bound(m: bounds.CaseModel, name: str = name) -> np.ndarray:
+            return _gradient_bound(m, name, g_out, inputs, exp.values[name])
+
+        _compare(rec, "backward", name, outcome, exp, bound, inputs, model)
+
+
+def _gradient_bound(
+    model: bounds.CaseModel, name: str, g_out: np.ndarray, inputs: CaseInputs, reference: np.ndarray
+) -> np.ndarray:
+    case = model.case
+    if name in ("grad_weight", "grad_bias"):
+        return bounds.param_grad(model, name.removeprefix("grad_"), g_out, reference)
+    dz = bounds.grad_input(model, g_out, reference)
+    if case.norm == "deep_norm" and name == "grad_input":
+        return dz * abs(case.alpha) + metrics.ulp(reference, case.dtype)
+    if spec(case.norm).fused:
+        g2 = np.abs(np.asarray(inputs.grads["grad_residual_out"], dtype=np.float64))
+        scale = abs(case.alpha) if name == "grad_residual" else 1.0
+        return (dz + model.acc_unit * g2) * scale + metrics.ulp(reference, case.dtype)
+    return dz

@@ -1,0 +1,197 @@
+"""``normconf``: certify an implementation of the norms against the exact references.
+
+Exit status: 0 every check passed; 1 at least one check failed; 2 the adapter could not be
+loaded or run on this hardware, or the arguments are wrong (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+from conformance.cases import DTYPES, Case
+from conformance.distributions import DISTRIBUTIONS
+from conformance.results import CheckResult
+from conformance.specs import NORM_NAMES
+
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Wrong arguments: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="normconf", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    c = commands.add_parser("certify", help="certify an adapter against the references")
+    c.add_argument(
+        "--adapter",
+        required=True,
+        metavar="SPEC",
+        help="built-in name, pkg.module[:attr] or path/to/file.py[:attr]",
+    )
+    c.add_argument(
+        "--norm",
+        action="append",
+        choices=NORM_NAMES,
+        metavar="NAME",
+        help=f"only this norm (repeatable): {', '.join(NORM_NAMES)}",
+    )
+    c.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPES,
+        metavar="NAME",
+        help=f"only this dtype (repeatable): {', '.join(DTYPES)}",
+    )
+    c.add_argument(
+        "--distribution",
+        action="append",
+        choices=DISTRIBUTIONS,
+        metavar="NAME",
+        help="only this input distribution (repeatable)",
+    )
+    c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    c.add_argument(
+        "--quick",
+        action="store_true",
+        help="every check kind and distribution class, fewer shapes and seeds",
+    )
+    c.add_argument("--seed", type=int, default=0, help="run seed (each case derives its own)")
+    c.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        metavar="CASE_ID",
+        help="run exactly this case (repeatable; from a report)",
+    )
+    c.add_argument(
+        "--convention",
+        choices=("declared", "pytorch"),
+        default="declared",
+        help="grade against the adapter's declared conventions or PyTorch's",
+    )
+    c.add_argument(
+        "--report-dir",
+        type=Path,
+        metavar="DIR",
+        help="where to write report.json, report.md and junit.xml "
+        "(default: reports/ADAPTER-DEVICE-TIME)",
+    )
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn; a line every ~10% when not a terminal."""
+
+    def __init__(self, stream: TextIO, enabled: bool = True) -> None:
+        self.stream, self.enabled = stream, enabled
+        self.tty = stream.isatty()
+        self.started = time.perf_counter()
+        self.failed = 0
+        self.last_decile = -1
+
+    def __call__(self, done: int, total: int, case: Case, results: list[CheckResult]) -> None:
+        self.failed += sum(r.verdict == "fail" for r in results)
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.started
+        width = 30
+        filled = width * done // max(total, 1)
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} cases "
+            f"{self.failed} failed {elapsed:5.1f}s  {case.case_id[:60]}"
+        )
+        if self.tty:
+            self.stream.write("\r" + line.ljust(120)[:120])
+            if done == total:
+                self.stream.write("\n")
+        elif 10 * done // max(total, 1) != self.last_decile:
+            self.last_decile = 10 * done // max(total, 1)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "adapter"
+
+
+def default_report_dir(adapter_name: str, device: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return Path("reports") / f"{_slug(adapter_name)}-{device}-{stamp}"
+
+
+def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from conformance.engine import certify, select_cases
+    from conformance.reports import write_reports
+    from conformance.summary import summary_table
+    from impls.loader import load_adapter, resolve_device
+
+    adapter = load_adapter(args.adapter)
+    device = resolve_device(adapter, args.device)
+    try:
+        cases = select_cases(
+            norms=args.norm,
+            dtypes=args.dtype,
+            quick=args.quick,
+            seed=args.seed,
+            case_ids=args.case,
+            distributions=args.distribution,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    cases = [c for c in cases if c.norm in adapter.norms()]
+    if not cases:
+        raise UsageError(f"no cases to run: {adapter.name} implements {', '.join(adapter.norms())}")
+    conventions: dict[str, dict[str, object]] | None = {} if args.convention == "pytorch" else None
+    bar = ProgressBar(sys.stderr, enabled=not args.no_progress)
+    record = certify(
+        adapter,
+        cases,
+        device=device,
+        conventions=conventions,
+        seed=args.seed,
+        quick=args.quick,
+        command=shlex.join(["normconf", *argv]),
+        progress=bar,
+    )
+    directory = args.report_dir or default_report_dir(adapter.name, device)
+    paths = write_reports(record, directory)
+    print(summary_table(record))
+    print(f"reports: {', '.join(str(p) for p in paths.values())}")
+    return EXIT_FAIL if record.verdict == "fail" else EXIT_PASS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from impls.adapter import AdapterError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "certify":
+            return certify_command(args, argv)
+        raise UsageError(f"unknown command {args.command!r}")
+    except (UsageError, AdapterError) as exc:
+        print(f"normconf: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("normconf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

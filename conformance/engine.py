@@ -1,0 +1,145 @@
+"""The certification run: cases through an adapter, results in order, a record at the end.
+
+:func:`certify` is the library entry point used by the CLI, the pytest plugin and the tests. It
+never raises for an adapter's misbehaviour (that is a failed check); it raises
+:class:`impls.adapter.AdapterError` only when the adapter cannot run here at all.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+from conformance.cases import DTYPES, Case, catalogue
+from conformance.checks import Target, run_case
+from conformance.messages import reproduction_command
+from conformance.results import CheckResult, RunRecord
+from conformance.specs import NORM_NAMES
+
+Progress = Callable[[int, int, Case, list[CheckResult]], None]
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def hardware(device: str) -> dict[str, Any]:
+    """Where the run happened: CPU model and cores, and the GPU when one was used."""
+    info: dict[str, Any] = {
+        "device": device,
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def software() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("normconf", "torch", "numpy", "mpmath", "gmpy2", "onnxruntime", "triton"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def select_cases(
+    *,
+    norms: Sequence[str] | None = None,
+    dtypes: Sequence[str] | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    case_ids: Sequence[str] = (),
+    distributions: Sequence[str] | None = None,
+) -> list[Case]:
+    """The cases of a run: named case ids, or the catalogue filtered by norm, dtype and
+    distribution."""
+    from conformance.cases import parse_case_id
+
+    if case_ids:
+        return [parse_case_id(c) for c in case_ids]
+    for name in norms or ():
+        if name not in NORM_NAMES:
+            raise ValueError(f"unknown norm {name!r}: expected one of {', '.join(NORM_NAMES)}")
+    for name in dtypes or ():
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    cases = catalogue(norms=norms or NORM_NAMES, dtypes=dtypes or DTYPES, quick=quick, seed=seed)
+    if distributions:
+        cases = [c for c in cases if c.distribution in distributions]
+    return cases
+
+
+def certify(
+    adapter: Any,
+    cases: Iterable[Case],
+    *,
+    device: str = "cpu",
+    conventions: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    command: str | None = None,
+    progress: Progress | None = None,
+) -> RunRecord:
+    """Run every case through ``adapter`` (an :class:`impls.adapter.Adapter`).
+
+    ``conventions`` overrides what the adapter declares (``{}`` certifies against PyTorch's
+    conventions whatever the adapter says).
+    """
+    cases = [c for c in cases if c.norm in adapter.norms()]
+    declared = adapter.conventions if conventions is None else conventions
+    extra = (
+        []
+        if conventions is None or conventions == adapter.conventions
+        else ["--convention", "pytorch"]
+    )
+    target = Target(
+        adapter,
+        device,
+        declared,
+        lambda case: reproduction_command(
+            case.case_id, adapter.spec, seed, ["--device", device, *extra]
+        ),
+    )
+    record = RunRecord(
+        adapter=adapter.describe(),
+        hardware=hardware(device),
+        software=software(),
+        seed=seed,
+        quick=quick,
+        started=now(),
+        finished="",
+        command=command or " ".join(shlex.quote(a) for a in sys.argv),
+    )
+    for done, case in enumerate(cases, 1):
+        results = run_case(target, case)
+        record.checks.extend(results)
+        if progress is not None:
+            progress(done, len(cases), case, results)
+    record.finished = now()
+    return record

@@ -1,0 +1,120 @@
+"""A case's inputs: drawn from its seed, exact in its dtype, then laid out as the case says.
+
+Inputs are made once as NumPy arrays of the case's dtype (the references take them as they
+are) and converted to torch tensors for the adapter in the case's memory layout:
+``noncontiguous`` views every other element of a buffer whose unused elements are NaN (a kernel
+that ignores strides reads poison), ``channels_last`` uses torch's channels-last memory format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from conformance.cases import Case
+from conformance.distributions import draw, draw_affine, draw_grad
+from conformance.specs import spec
+
+NUMPY_DTYPES: dict[str, Any] = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+}
+
+
+@dataclass
+class CaseInputs:
+    """Typed NumPy arrays (``arrays``) and the case's scalar parameters (``params``)."""
+
+    case: Case
+    arrays: dict[str, np.ndarray | None]
+    params: dict[str, Any]
+    grads: dict[str, np.ndarray | None] = field(default_factory=dict)
+
+
+def _typed(values: np.ndarray, dtype: str) -> np.ndarray:
+    typed = np.asarray(values, dtype=np.float64).astype(NUMPY_DTYPES[dtype])
+    if not np.array_equal(typed.astype(np.float64), values, equal_nan=True):
+        raise AssertionError(f"drawn values are not exact in {dtype}")
+    return typed
+
+
+def build_inputs(case: Case) -> CaseInputs:
+    """Draw every input of ``case`` from its seed (same case, same inputs, on any machine)."""
+    rng = np.random.default_rng(case.seed)
+    s, g = spec(case.norm), case.grouping
+    eps = case.eps if case.eps is not None else 2.0**-23
+    x = g.from_rows(draw(case.distribution, g.groups, g.n, case.dtype, rng, eps=eps))
+    arrays: dict[str, np.ndarray | None] = {"input": _typed(x, case.dtype)}
+    if s.summand is not None:
+        # The other summand is a modest perturbation, so the sum keeps the distribution's shape.
+        other = draw_grad(case.shape, case.dtype, rng) * 2.0**-4
+        arrays[s.summand] = _typed(_round_to(other, case.dtype), case.dtype)
+    arrays["weight"] = None
+    arrays["bias"] = None
+    if case.affine:
+        shape = case.shape[len(case.shape) - case.norm_dims :] if s.trailing else (g.params,)
+        weight = draw_affine("weight", g.params, case.dtype, rng).reshape(shape)
+        arrays["weight"] = _typed(weight, case.dtype)
+        if s.has_bias:
+            bias = draw_affine("bias", g.params, case.dtype, rng).reshape(shape)
+            arrays["bias"] = _typed(bias, case.dtype)
+    if case.norm == "batch_norm":
+        channels = case.shape[1]
+        mean = draw_affine("bias", channels, case.dtype, rng)
+        var = np.abs(draw_affine("weight", channels, case.dtype, rng)) + 0.25
+        arrays["running_mean"] = _typed(_round_to(mean, case.dtype), case.dtype)
+        arrays["running_var"] = _typed(_round_to(var, case.dtype), case.dtype)
+    grads: dict[str, np.ndarray | None] = {
+        "grad_output": _typed(draw_grad(case.shape, case.dtype, rng), case.dtype)
+    }
+    if s.fused:
+        grads["grad_residual_out"] = _typed(draw_grad(case.shape, case.dtype, rng), case.dtype)
+    return CaseInputs(case, arrays, case.parameters(), grads)
+
+
+def _round_to(values: np.ndarray, dtype: str) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).astype(NUMPY_DTYPES[dtype]).astype(np.float64)
+
+
+# -- torch side -----------------------------------------------------------------------------------
+def torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def to_tensor(
+    array: np.ndarray, device: str, layout: str = "contiguous", requires_grad: bool = False
+) -> Any:
+    """``array`` as a leaf tensor of its dtype on ``device`` in ``layout``."""
+    import torch
+
+    dtype = torch_dtype(np.dtype(array.dtype).name)
+    # A copy, always: the adapter must never share memory with the case's arrays.
+    base = torch.from_numpy(np.array(array, dtype=np.float64)).to(dtype).clone()
+    if layout == "noncontiguous" and base.ndim >= 1:
+        wide = torch.full((*base.shape[:-1], 2 * base.shape[-1]), float("nan"), dtype=dtype)
+        wide[..., ::2] = base
+        tensor = wide.to(device)[..., ::2]
+    elif layout == "channels_last" and base.ndim in (4, 5):
+        fmt = torch.channels_last if base.ndim == 4 else torch.channels_last_3d
+        tensor = base.to(device).contiguous(memory_format=fmt)
+    else:
+        tensor = base.to(device)
+    tensor = tensor.detach()
+    return tensor.requires_grad_(requires_grad)
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """Exact float64 values of a torch tensor of any supported dtype."""
+    import torch
+
+    t = tensor.detach().to("cpu")
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.to(torch.float32)
+    return np.asarray(t.numpy(), dtype=np.float64)
