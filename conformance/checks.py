@@ -21,7 +21,14 @@ import numpy as np
 from conformance import bounds, fingerprint, metrics
 from conformance.cases import Case
 from conformance.expected import Expected, expected
-from conformance.inputs import CaseInputs, build_inputs, to_numpy, to_tensor, torch_dtype
+from conformance.inputs import (
+    NUMPY_DTYPES,
+    CaseInputs,
+    build_inputs,
+    to_numpy,
+    to_tensor,
+    torch_dtype,
+)
 from conformance.results import CheckResult
 from conformance.specs import call_arguments, call_keywords, spec
 
@@ -49,6 +56,7 @@ class CallOutcome:
     tensors: dict[str, Any] = field(default_factory=dict)
     leaves: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    dtypes: dict[str, str] = field(default_factory=dict)
 
 
 class _Recorder:
@@ -79,15 +87,18 @@ class _Recorder:
         return result
 
 
-def run_case(target: Target, case: Case) -> list[CheckResult]:
-    """Every check of ``case`` for ``target``; never raises for an adapter's misbehaviour."""
+def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> list[CheckResult]:
+    """Every check of ``case`` for ``target``; never raises for an adapter's misbehaviour.
+
+    ``inputs`` replaces the inputs drawn from the case's seed (hypothesis supplies its own).
+    """
     adapter, norm = target.adapter, case.norm
     rec = _Recorder(case, target, target.convention(norm))
     if not adapter.supports(norm, case.dtype, target.device):
         why = f"{adapter.name} does not declare {norm} in {case.dtype} on {target.device}"
         rec.add("forward", "call", "skip", message=why)
         return rec.results
-    inputs = build_inputs(case)
+    inputs = build_inputs(case) if inputs is None else inputs
     want_backward = bool(adapter.backward.get(norm, False))
     outcome = call_adapter(adapter.functions[norm], inputs, target.device, want_backward)
     _contract(rec, inputs, outcome)
@@ -117,6 +128,8 @@ def run_case(target: Target, case: Case) -> list[CheckResult]:
             inputs,
             model,
         )
+    if norm in getattr(adapter, "statistics", {}) and kind == "forward":
+        _statistics(rec, adapter.statistics[norm], inputs, exp, model, target.device)
     if case.norm == "batch_norm" and case.training:
         _running_stats(rec, inputs, outcome, exp, model)
     if want_backward and kind == "forward":
@@ -125,7 +138,11 @@ def run_case(target: Target, case: Case) -> list[CheckResult]:
 
 
 def call_adapter(
-    fn: Callable[..., Any], inputs: CaseInputs, device: str, grad: bool
+    fn: Callable[..., Any],
+    inputs: CaseInputs,
+    device: str,
+    grad: bool,
+    returns: tuple[str, ...] | None = None,
 ) -> CallOutcome:
     """Call ``fn`` on fresh tensors; record the outputs, the leaves and any contract problem."""
     case, out = inputs.case, CallOutcome()
@@ -143,12 +160,17 @@ def call_adapter(
     except Exception as exc:  # the adapter's failure is a finding, not ours
         out.problems.append(f"raised {type(exc).__name__}: {_first_line(exc)}")
         return out
-    names = ("output", "residual_out") if s.fused else ("output",)
-    returned = result if s.fused else (result,)
-    if s.fused and (not isinstance(result, tuple | list) or len(result) != 2):
-        out.problems.append(f"returned {type(result).__name__}; expected (output, residual_out)")
+    names = returns or (("output", "residual_out") if s.fused else ("output",))
+    returned = result if len(names) > 1 else (result,)
+    if len(names) > 1 and (not isinstance(result, tuple | list) or len(result) != len(names)):
+        out.problems.append(f"returned {type(result).__name__}; expected ({', '.join(names)})")
         return out
     for name, value in zip(names, returned, strict=True):
+        if name in ("mean", "rstd"):
+            if value is not None:
+                out.values[name] = to_numpy(value)
+                out.dtypes[name] = str(value.dtype).removeprefix("torch.")
+            continue
         problem = _tensor_problem(value, case, device)
         if problem:
             out.problems.append(f"{name}: {problem}")
@@ -207,9 +229,10 @@ def _compare(
     bound_for: Callable[[bounds.CaseModel], np.ndarray],
     inputs: CaseInputs,
     model: bounds.CaseModel,
+    dtype: str | None = None,
 ) -> None:
     actual, reference = outcome.values[name], exp.values[name]
-    dtype = _stats_dtype(rec.case.dtype) if name in ("mean", "rstd") else rec.case.dtype
+    dtype = dtype or rec.case.dtype
     ungraded = _undefined_elements(inputs, model, name)
     note = ""
     if ungraded is not None and ungraded.any():
@@ -251,8 +274,58 @@ def _undefined_elements(
     return model.back(np.broadcast_to(inf_only[:, None], rows.shape))
 
 
-def _stats_dtype(dtype: str) -> str:
-    return "float32" if dtype in ("float16", "bfloat16") else dtype
+def _statistics(
+    rec: _Recorder,
+    fn: Callable[..., Any],
+    inputs: CaseInputs,
+    exp: Expected,
+    model: bounds.CaseModel,
+    device: str,
+) -> None:
+    """The mean and rstd an adapter returns, one per reduction group."""
+    from conformance import tolerance
+
+    call = call_adapter(fn, inputs, device, grad=False, returns=("output", "mean", "rstd"))
+    if call.problems:
+        rec.add("statistics", "call", "fail", message="; ".join(call.problems))
+        return
+    for index, name in enumerate(("mean", "rstd")):
+        if name not in call.values or name not in exp.values:
+            continue
+        # Compared in the dtype the adapter chose; the float32 reference is rounded into it
+        # (a second rounding, inside the model's one-ulp rounding allowance).
+        dtype = call.dtypes[name]
+        if dtype not in NUMPY_DTYPES:
+            rec.add("statistics", name, "fail", message=f"{name}: unsupported dtype {dtype}")
+            continue
+        bound = tolerance.statistics_bound(
+            model.stats,
+            out_dtype=dtype,
+            acc_unit=model.acc_unit,
+            reduction=model.reduction,
+            n=model.grouping.n,
+        )[index]
+        actual = call.values[name].reshape(-1)
+        reference = exp.values[name].reshape(-1).astype(NUMPY_DTYPES[dtype]).astype(np.float64)
+        if actual.shape != reference.shape:
+            message = f"{name}: {actual.size} values for {reference.size} reduction groups"
+            rec.add("statistics", name, "fail", message=message)
+            continue
+        _compare(
+            rec,
+            "statistics",
+            name,
+            CallOutcome(values={name: actual}),
+            Expected({name: reference}),
+            _fixed(np.asarray(bound)),
+            inputs,
+            model,
+            dtype=dtype,
+        )
+
+
+def _fixed(bound: np.ndarray) -> Callable[[bounds.CaseModel], np.ndarray]:
+    return lambda model: bound
 
 
 def _running_stats(

@@ -61,10 +61,17 @@ _MEMORY_LIMIT = 256
 
 
 def _key(inputs: CaseInputs, convention: Mapping[str, Any], backward: bool) -> str:
+    """The case, the convention, the references' code and the input values themselves (so
+    inputs that do not come from the case's seed never meet a stale answer)."""
     text = json.dumps(
         [inputs.case.case_id, sorted(convention.items()), backward, references_digest()]
     )
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    h = hashlib.sha256(text.encode())
+    for name, array in sorted({**inputs.arrays, **inputs.grads}.items()):
+        h.update(name.encode())
+        if array is not None:
+            h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()[:32]
 
 
 def expected(inputs: CaseInputs, convention: Mapping[str, Any], *, backward: bool) -> Expected:

@@ -2,20 +2,67 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from conformance import strategies
+from conformance.cases import Case, parse_case_id
 from conformance.checks import run_case
+from conformance.inputs import build_inputs
 from conformance.messages import failure_message
 
 
-def test_case(conformance_target: Any, conformance_case: Any) -> None:
+def _assert_passed(results: list[Any]) -> None:
     __tracebackhide__ = True
-    results = run_case(conformance_target, conformance_case)
     if all(r.verdict == "skip" for r in results):
         pytest.skip(results[0].message)
     failed = [r for r in results if r.verdict == "fail"]
     if failed:
         text = "\n\n".join(f"[{r.kind} {r.output}]\n{failure_message(r)}" for r in failed)
         pytest.fail(f"{len(failed)} of {len(results)} checks failed\n\n{text}", pytrace=False)
+
+
+def test_case(conformance_target: Any, conformance_case: Any) -> None:
+    __tracebackhide__ = True
+    _assert_passed(run_case(conformance_target, conformance_case))
+
+
+def _drawn_case(target: Any, data: Any) -> tuple[Case, Any]:
+    adapter = target.adapter
+    norms = [n for n in ("layer_norm", "rms_norm") if n in adapter.norms()]
+    if not norms:
+        pytest.skip(f"{adapter.name} implements neither layer_norm nor rms_norm")
+    norm = data.draw(st.sampled_from(norms), label="norm")
+    supported = [d for d in adapter.dtypes[norm] if adapter.supports(norm, d, target.device)]
+    dtype = data.draw(strategies.dtypes(only=supported), label="dtype")
+    shape, dims = data.draw(strategies.layer_norm_shapes(max_elements=2048), label="shape")
+    n = math.prod(shape[len(shape) - dims :])
+    values = data.draw(strategies.rows(dtype, n, num_rows=math.prod(shape) // n), label="rows")
+    # Weight, bias and upstream gradients from a catalogue-style case; the rows replace x.
+    options = f"-nd{dims}" if dims != 1 else ""
+    case = parse_case_id(f"{norm}-{dtype}-{'x'.join(map(str, shape))}-normal{options}-s0")
+    inputs = build_inputs(case)
+    inputs.arrays["input"] = values.reshape(shape).astype(inputs.arrays["input"].dtype)
+    return case, inputs
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_layer_norms_on_drawn_rows(conformance_target: Any, data: Any) -> None:
+    """LayerNorm and RMSNorm on rows hypothesis draws (size, mean, spread, dtype); a failure
+    shrinks to a minimal matrix of rows, printed with the failing checks."""
+    __tracebackhide__ = True
+    case, inputs = _drawn_case(conformance_target, data)
+    target = replace(conformance_target, reproduce=_hypothesis_reproduce)
+    _assert_passed(run_case(target, case, inputs))
+
+
+def _hypothesis_reproduce(case: Case) -> str:
+    return "rerun this test: hypothesis replays the falsifying example printed with it"

@@ -26,6 +26,10 @@ norm                        call
                             eps=1e-5, *, alpha=1.0)`` -> ``(layer_norm(z), z)``
 ==========================  ==================================================================
 
+Optional functions ``<norm>_with_stats`` (for ``layer_norm``, ``rms_norm``, ``group_norm``) take
+the same arguments as the norm and return ``(output, mean, rstd)`` (``mean`` None for RMSNorm), one
+statistic per reduction group; where present, the engine checks the statistics too.
+
 Optional attributes of the object declare what the engine may ask of it (all validated by
 :func:`from_object`; an unknown ``normconf_*`` attribute is an error, so that a typo never goes
 unnoticed):
@@ -57,7 +61,7 @@ unnoticed):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from references.conventions import (
@@ -139,6 +143,7 @@ class Adapter:
     backward: dict[str, bool]
     deterministic: bool
     reduction: str
+    statistics: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
     def norms(self) -> tuple[str, ...]:
         """The implemented norms, in :data:`NORMS` order."""
@@ -190,7 +195,23 @@ def from_object(obj: object, spec: str, name: str | None = None) -> Adapter:
         backward=_backward(obj, spec, norms),
         deterministic=_flag(obj, spec, "normconf_deterministic", True),
         reduction=_one_of(obj, spec, "normconf_reduction", REDUCTIONS, "tree"),
+        statistics=_statistics(obj, spec, norms),
     )
+
+
+STATISTICS_NORMS = ("layer_norm", "rms_norm", "group_norm")
+
+
+def _statistics(obj: object, spec: str, norms: tuple[str, ...]) -> dict[str, Callable[..., Any]]:
+    found: dict[str, Callable[..., Any]] = {}
+    for norm in STATISTICS_NORMS:
+        function = getattr(obj, f"{norm}_with_stats", None)
+        if function is None:
+            continue
+        if norm not in norms or not callable(function):
+            raise _fail(spec, f"{norm}_with_stats", f"needs a callable and the norm {norm}")
+        found[norm] = function
+    return found
 
 
 def _fail(spec: str, attribute: str, problem: str) -> AdapterError:

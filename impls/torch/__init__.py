@@ -85,3 +85,33 @@ def _shape(normalized_shape: int | Sequence[int]) -> list[int]:
     if isinstance(normalized_shape, int):
         return [normalized_shape]
     return list(normalized_shape)
+
+
+def layer_norm_with_stats(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F.layer_norm`` with the mean and rstd it saves for backward (``native_layer_norm``)."""
+    out, mean, rstd = torch.native_layer_norm(input, _shape(normalized_shape), weight, bias, eps)
+    return out, mean, rstd
+
+
+def group_norm_with_stats(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F.group_norm`` with its saved mean and rstd per (sample, group) (``native_group_norm``,
+    which, unlike ``F.group_norm``, needs a contiguous input: made so here)."""
+    input = input.contiguous()
+    batch, channels = input.shape[0], input.shape[1]
+    spatial = input[0, 0].numel()
+    out, mean, rstd = torch.native_group_norm(
+        input, weight, bias, batch, channels, spatial, num_groups, eps
+    )
+    return out, mean, rstd
