@@ -47,7 +47,9 @@ def _drawn_case(target: Any, data: Any) -> tuple[Case, Any]:
     options = f"-nd{dims}" if dims != 1 else ""
     case = parse_case_id(f"{norm}-{dtype}-{'x'.join(map(str, shape))}-normal{options}-s0")
     inputs = build_inputs(case)
-    inputs.arrays["input"] = values.reshape(shape).astype(inputs.arrays["input"].dtype)
+    template = inputs.arrays["input"]
+    assert template is not None
+    inputs.arrays["input"] = values.reshape(shape).astype(template.dtype)
     return case, inputs
 
 

@@ -408,7 +408,11 @@ def _backward_terms(
     with np.errstate(invalid="ignore", divide="ignore"):
         a = g.mean(axis=1) if center else np.zeros(len(g))
         b = np.einsum("ij,ij->i", g, x_hat) / divisor
-        c = stats.s / np.sqrt(stats.var) if stats.eps_outside else np.ones(len(g))
+        c = np.ones(len(g))
+        if stats.eps_outside:
+            # A zero-variance row has x̂ = 0 and b = 0: the projection term vanishes, and s/0
+            # would turn every 0·c into NaN (a NaN bound fails any error).
+            c = np.where(stats.var > 0, stats.s / np.sqrt(stats.var), 1.0)
     t = g - a[:, None] - (c * b)[:, None] * x_hat
     return a, b, c, t
 

@@ -14,7 +14,7 @@ from conformance.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CORRECT = '''
+CORRECT = """
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +24,7 @@ normconf_dtypes = ("float32",)
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     up = lambda t: None if t is None else t.double()
     return F.layer_norm(input.double(), normalized_shape, up(weight), up(bias), eps).to(input.dtype)
-'''
+"""
 
 # Ignores the bias: wrong everywhere a bias is given.
 BROKEN = CORRECT.replace("up(bias), eps)", "None, eps)").replace("float64 once", "no bias")
@@ -49,7 +49,8 @@ def test_passing_adapter_exits_0_and_writes_the_three_reports(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = _adapter(tmp_path, CORRECT, "good")
-    code, out, _ = _certify(["--adapter", spec, *QUICK, "--report-dir", str(tmp_path / "r")], capsys)
+    report_dir = str(tmp_path / "r")
+    code, out, _ = _certify(["--adapter", spec, *QUICK, "--report-dir", report_dir], capsys)
     assert code == 0, out
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["verdict"] == "pass"
