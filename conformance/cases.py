@@ -161,6 +161,9 @@ CHANNEL_SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
 QUICK_CHANNEL = (((4, 6, 33), 3), ((2, 6, 5, 7), 2), ((2, 4, 3, 4, 5), 2))
 
 
+FULL_SHAPES_PER_DISTRIBUTION = 3
+
+
 def _shapes(norm: str, quick: bool) -> Sequence[tuple[tuple[int, ...], int]]:
     if spec(norm).trailing:
         return QUICK_TRAILING if quick else TRAILING_SHAPES
@@ -213,7 +216,10 @@ def catalogue(
         shapes = _shapes(norm, quick)
         for turn, dist in enumerate(distributions):
             offset = DTYPES.index(dtype) if dtype in DTYPES else 0
-            picks = [shapes[(turn + offset) % len(shapes)]] if quick else list(shapes)
+            # Each distribution on one shape (quick) or three (full), rotating so that every
+            # shape meets many distributions without the product of all of them.
+            per = 1 if quick else FULL_SHAPES_PER_DISTRIBUTION
+            picks = [shapes[(turn * per + offset + j) % len(shapes)] for j in range(per)]
             for shape_g, repeat in itertools.product(picks, seeds):
                 if repeat and dist not in ("normal", "large_mean_k1e3"):
                     continue
