@@ -301,6 +301,12 @@ def candidate_bound(
         return bound_for(replace(own, acc_unit=model.acc_unit))
 
 
+#: The largest case (in elements) on which candidates are evaluated: each one recomputes the
+#: references (the backward ones at a few million elements per second). Larger cases get the
+#: signatures only; every distribution also runs on the battery's smaller shapes.
+CANDIDATE_ELEMENTS = {"forward": 2**18, "backward": 2**16}
+
+
 def diagnose(
     kind: str,
     output: str,
@@ -320,7 +326,8 @@ def diagnose(
     reference = exp.values[output]
     bound = np.broadcast_to(bound_for(model), np.shape(actual))
     search = _Search(kind, output, inputs, declared, actual, reference, bound)
-    found = search.run(model, bound_for)
+    budget = CANDIDATE_ELEMENTS["backward" if kind == "backward" else "forward"]
+    found = search.run(model, bound_for) if inputs.case.elements <= budget else None
     if found:
         return found
     text = _signature(kind, output, inputs, actual, reference, bound, model, bound_for)

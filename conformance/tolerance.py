@@ -43,6 +43,12 @@ estimate. So ``k = n - 1``.
 6. *Rounding.* The kernel rounds ``ŷ`` (``|ŷ - y| ≤ E``), the reference rounds ``y``: so
    ``|a - r| ≤ E + ulp(|r| + E)`` (``rounding`` = 1 ulp: half for each). Faithful never fails.
 
+7. *Underflow.* A rounding whose result is subnormal errs by up to ``q/2`` absolute, ``q`` the
+   accumulation format's smallest subnormal (the ``η`` of the standard model with underflow):
+   the mean of a subnormal row is off by ``(k + 1)·q`` whatever its size, ``e_μ`` gains
+   ``(k + 1)·q/s``, and ``x̂``, the affine step and the gradients gain ``underflow·q`` absolute
+   (``dw_j``: ``(k_j + 1)·q`` per element summed).
+
 Forward: ``bound = ulp(|r| + E) + E``, ``E = |w|·(e_μ + e_s·|x̂|) + 3u·(|w·x̂| + |β|)``. At
 ``k = 16`` and ``κ ≥ 1``, ``E ≈ 17·u·κ·|w|·(1 + |x̂|)``: the published form ``½ulp(y) +
 c·u·κ·(1 + |x̂|)·|w| + 2u·(|w·x̂| + |β|)`` with ``c = 17`` (worst case at depth 16) for

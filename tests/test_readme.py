@@ -21,3 +21,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert len(commands) == 2, "the README must open with the main-job and test commands"
     ci_script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert commands[1] in ci_script.splitlines()
+
+
+def test_the_readme_commands_name_tox_environments_that_exist() -> None:
+    commands = re.findall(r"^\d\. [^:]+: `([^`]+)`", README, flags=re.MULTILINE)
+    tox_ini = (ROOT / "tox.ini").read_text(encoding="utf-8")
+    for command in commands:
+        env = re.search(r"tox -e (\S+)", command)
+        assert env, command
+        assert f"[testenv:{env.group(1)}]" in tox_ini, command
