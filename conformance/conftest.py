@@ -2,16 +2,27 @@
 
 Options (all under ``--adapter``'s group): ``--adapter SPEC`` (required to run anything),
 ``--norm``/``--dtype`` (repeatable filters), ``--quick``, ``--device``, ``--conformance-seed``,
-``--convention declared|pytorch``. Every case of the catalogue becomes one test whose id is the
+``--convention declared|pytorch``. ``HYPOTHESIS_PROFILE=dev|ci`` picks the hypothesis profile of
+the drawn-rows test. Every case of the catalogue becomes one test whose id is the
 case id (``norm-dtype-shape-distribution-…``); a failure prints, per failed check, the
 numpy-style comparison and the command that reproduces it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis profiles for the drawn-rows test; HYPOTHESIS_PROFILE picks one (default ``dev``).
+# Each example certifies a whole case, so the counts are smaller than the suite's own tests'.
+settings.register_profile("conformance-dev", max_examples=25, deadline=None)
+settings.register_profile(
+    "conformance-ci", max_examples=50, deadline=None, derandomize=True, print_blob=True
+)
+settings.load_profile(f"conformance-{os.environ.get('HYPOTHESIS_PROFILE', 'dev')}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

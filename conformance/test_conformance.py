@@ -53,9 +53,7 @@ def _drawn_case(target: Any, data: Any) -> tuple[Case, Any]:
     return case, inputs
 
 
-@settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_layer_norms_on_drawn_rows(conformance_target: Any, data: Any) -> None:
     """LayerNorm and RMSNorm on rows hypothesis draws (size, mean, spread, dtype); a failure
