@@ -414,4 +414,6 @@ def _signature(
         # κ ≤ 2**(p-3) for half inputs: both explanations can predict errors of one size.
         half = reduced.split(":")[0]
         explained += f"; the output is also {half}, which would explain it as well"
-    return explained or reduced
+    return (
+        explained or reduced or signatures.sequential_reduction(actual, reference, model, bound_for)
+    )

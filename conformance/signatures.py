@@ -125,6 +125,28 @@ def reduced_precision(
     )
 
 
+def sequential_reduction(
+    actual: np.ndarray,
+    reference: np.ndarray,
+    model: CaseModel,
+    bound_for: Callable[[CaseModel], np.ndarray],
+) -> str | None:
+    """A result that fails the model for tree reductions (depth ~16) but passes it for a
+    sequential one (depth n - 1): the kernel sums its reduction groups left to right."""
+    if model.reduction != "tree":
+        return None
+    sequential = replace(model, reduction="sequential")
+    m = metrics.compare(actual, reference, bound_for(sequential), model.case.dtype)
+    if m.mismatched:
+        return None
+    return (
+        f"within the tolerance for a sequential (left-to-right) reduction of the "
+        f"{model.grouping.n} elements of a group, but not for a tree reduction: the sums are "
+        f"accumulated sequentially (declare normconf_reduction = 'sequential' if intended); "
+        f"{summary(m)}"
+    )
+
+
 def _zero_variance_gradient(
     actual: np.ndarray, reference: np.ndarray, bound: np.ndarray, model: CaseModel
 ) -> str | None:
