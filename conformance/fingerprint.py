@@ -93,6 +93,9 @@ def _reference(
     if "eps" in arrays:
         params["eps"] = arrays.pop("eps")
         case = replace(case, eps=params["eps"])
+    if "momentum" in arrays:
+        params["momentum"] = arrays.pop("momentum")
+        case = replace(case, momentum=params["momentum"])
     changed = replace(inputs, case=case, arrays={**inputs.arrays, **arrays}, params=params)
 
     def run() -> Values:
@@ -125,6 +128,12 @@ def _defect_candidates(
     a, case = inputs.arrays, inputs.case
     if eps:
         yield _reference("ε ignored (eps=0)", inputs, declared, backward, eps=0.0)
+    single = float(np.float32(eps))
+    if eps and single != eps:
+        words = (
+            f"ε rounded to float32 ({single!r} for {eps!r}; ONNX stores it as a float attribute)"
+        )
+        yield _reference(words, inputs, declared, backward, eps=single)
     if a.get("bias") is not None:
         yield _reference("bias ignored", inputs, declared, backward, bias=None)
     if a.get("weight") is not None:
@@ -236,11 +245,22 @@ def _constant(values: Values) -> Callable[[], Values]:
     return lambda: values
 
 
-def _running_candidates(inputs: CaseInputs) -> Iterator[Candidate]:
+def _running_candidates(inputs: CaseInputs, declared: Mapping[str, Any]) -> Iterator[Candidate]:
     original = {
         k: np.asarray(inputs.arrays[k], dtype=np.float64) for k in ("running_mean", "running_var")
     }
     yield Candidate("running statistics not updated", lambda: original)
+    momentum = inputs.case.momentum
+    single = float(np.float32(momentum))
+    for eps in {inputs.case.eps, float(np.float32(inputs.case.eps or 0.0))} - {None}:
+        if single != momentum:
+            words = (
+                f"momentum rounded to float32 ({single!r} for {momentum!r}; ONNX stores it as a "
+                "float attribute)"
+            )
+            if eps != inputs.case.eps:
+                words += " and ε rounded to float32 too"
+            yield _reference(words, inputs, declared, False, momentum=single, eps=eps)
 
 
 def candidates(
@@ -251,7 +271,7 @@ def candidates(
     if backward and output == "grad_input" and not inputs.case.norm.startswith(("fused", "deep")):
         yield from _grad_drop_candidates(model, inputs)
     if kind == "running_stats":
-        yield from _running_candidates(inputs)
+        yield from _running_candidates(inputs, declared)
     yield from _convention_candidates(inputs, declared, backward)
     yield from _defect_candidates(inputs, declared, backward, model.eps)
     if not backward:
