@@ -17,10 +17,8 @@ import numpy as np
 from conformance import tolerance
 from conformance.cases import Case
 from conformance.geometry import Grouping
-from conformance.inputs import CaseInputs
+from conformance.inputs import CaseInputs, effective_eps
 from conformance.specs import spec
-from references.conventions import rms_norm_default_eps
-from references.formats import format_of
 
 
 @dataclass
@@ -47,11 +45,7 @@ class CaseModel:
 
 
 def _eps(case: Case) -> float:
-    if case.eps is not None:
-        return float(case.eps)
-    from conformance.inputs import NUMPY_DTYPES
-
-    return rms_norm_default_eps(format_of(np.dtype(NUMPY_DTYPES[case.dtype])))
+    return effective_eps(case)
 
 
 def normalised_input(

@@ -95,6 +95,25 @@ def select_cases(
     return cases
 
 
+def _suite_error(target: Target, case: Case, exc: Exception) -> CheckResult:
+    text = str(exc).strip().splitlines()
+    return CheckResult(
+        case_id=case.case_id,
+        norm=case.norm,
+        dtype=case.dtype,
+        kind="contract",
+        output="call",
+        shape=case.shape,
+        distribution=case.distribution,
+        layout=case.layout,
+        seed=case.seed,
+        verdict="fail",
+        message=f"the suite could not run this case: {type(exc).__name__}: "
+        f"{text[0] if text else ''}",
+        reproduce=target.reproduce(case),
+    )
+
+
 def certify(
     adapter: Any,
     cases: Iterable[Case],
@@ -137,7 +156,10 @@ def certify(
         command=command or " ".join(shlex.quote(a) for a in sys.argv),
     )
     for done, case in enumerate(cases, 1):
-        results = run_case(target, case)
+        try:
+            results = run_case(target, case)
+        except Exception as exc:  # the suite's own failure on one case must not end the run
+            results = [_suite_error(target, case, exc)]
         record.checks.extend(results)
         if progress is not None:
             progress(done, len(cases), case, results)

@@ -17,6 +17,8 @@ import numpy as np
 from conformance.cases import Case
 from conformance.distributions import draw, draw_affine, draw_grad
 from conformance.specs import spec
+from references.conventions import rms_norm_default_eps
+from references.formats import format_of
 
 NUMPY_DTYPES: dict[str, Any] = {
     "float64": np.float64,
@@ -43,11 +45,18 @@ def _typed(values: np.ndarray, dtype: str) -> np.ndarray:
     return typed
 
 
+def effective_eps(case: Case) -> float:
+    """The ε in effect: the case's, or ``rms_norm``'s ``eps=None`` default for its dtype."""
+    if case.eps is not None:
+        return float(case.eps)
+    return rms_norm_default_eps(format_of(np.dtype(NUMPY_DTYPES[case.dtype])))
+
+
 def build_inputs(case: Case) -> CaseInputs:
     """Draw every input of ``case`` from its seed (same case, same inputs, on any machine)."""
     rng = np.random.default_rng(case.seed)
     s, g = spec(case.norm), case.grouping
-    eps = case.eps if case.eps is not None else 2.0**-23
+    eps = effective_eps(case)
     x = g.from_rows(draw(case.distribution, g.groups, g.n, case.dtype, rng, eps=eps))
     arrays: dict[str, np.ndarray | None] = {"input": _typed(x, case.dtype)}
     if s.summand is not None:

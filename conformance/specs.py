@@ -200,7 +200,3 @@ def call_arguments(norm: str, t: Mapping[str, Any], p: Mapping[str, Any]) -> lis
 def call_keywords(norm: str, p: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword-only arguments of the adapter call (the fused adds' ``alpha``)."""
     return {"alpha": p["alpha"]} if spec(norm).fused else {}
-
-
-def reference_keywords(norm: str, p: Mapping[str, Any]) -> dict[str, Any]:
-    return call_keywords(norm, p)

@@ -461,6 +461,23 @@ def backward_bound(
     return _rounded(value, e, out_dtype)
 
 
+def scaled_gradient_bound(
+    bound: np.ndarray,
+    scale: float,
+    reference: np.ndarray,
+    *,
+    out_dtype: str,
+    acc_unit: float,
+    addend: np.ndarray | None = None,
+) -> np.ndarray:
+    """Bound on ``scale·(dz + addend)`` given ``bound`` on ``dz``: DeepNorm's input gradient
+    (``alpha·dz``) and the add-norms' (``dz + g_res``, the residual's ``alpha`` times that).
+    The addend adds one rounding of its size, the product one ``rounding`` of the result."""
+    extra = 0.0 if addend is None else acc_unit * np.abs(addend)
+    scaled: np.ndarray = (bound + extra) * abs(scale)
+    return scaled + constant("rounding") * ulp(np.abs(reference), out_dtype)
+
+
 def _param_sums(
     param_index: np.ndarray, params: int, *values: np.ndarray
 ) -> tuple[np.ndarray, ...]:
