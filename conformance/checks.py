@@ -359,6 +359,7 @@ def _running_stats(
                 rec.case.momentum,
                 out_dtype=rec.case.dtype,
                 acc_unit=m.acc_unit,
+                reduction=m.reduction,
             )
 
         _compare(rec, "running_stats", name, outcome, exp, bound, inputs, model)
