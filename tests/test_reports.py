@@ -406,3 +406,17 @@ def test_summary_table_fits_100_columns() -> None:
     shown = [d for line in text.splitlines() if line.startswith("norm ") for d in line.split()[1:]]
     assert shown == dtypes  # every column appears once, split over several tables
     assert text.endswith("verdict: PASS")
+
+
+def test_report_files_are_readable_like_any_new_file(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from conformance.report_json import write_text_atomic
+
+    umask = os.umask(0o022)
+    try:
+        path = write_text_atomic(tmp_path / "report.json", "{}\n")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
