@@ -178,7 +178,6 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     paths = write_reports(record, directory)
     print(summary_table(record))
     print(f"reports: {', '.join(str(p) for p in paths.values())}")
-    print(f"verdict: {record.verdict}")
     if args.exit_zero:
         return EXIT_PASS
     return EXIT_FAIL if record.verdict == "fail" else EXIT_PASS
