@@ -17,7 +17,7 @@ import numpy as np
 from conformance import tolerance
 from conformance.cases import Case
 from conformance.geometry import Grouping
-from conformance.inputs import CaseInputs, effective_eps
+from conformance.inputs import CaseInputs, effective_eps, round_into
 from conformance.specs import spec
 
 
@@ -63,9 +63,7 @@ def normalised_input(
     other = np.asarray(a[s.summand], dtype=np.float64)
     z = case.alpha * x + other if case.norm == "deep_norm" else x + case.alpha * other
     if convention.get("add_rounding", "dtype") == "dtype":
-        from conformance.inputs import NUMPY_DTYPES
-
-        z = z.astype(NUMPY_DTYPES[case.dtype]).astype(np.float64)
+        z = round_into(z, case.dtype)
     return z
 
 

@@ -25,6 +25,7 @@ from conformance.inputs import (
     NUMPY_DTYPES,
     CaseInputs,
     build_inputs,
+    round_into,
     to_numpy,
     to_tensor,
     torch_dtype,
@@ -320,7 +321,7 @@ def _statistics(
             n=model.grouping.n,
         )[index]
         actual = call.values[name].reshape(-1)
-        reference = exp.values[name].reshape(-1).astype(NUMPY_DTYPES[dtype]).astype(np.float64)
+        reference = round_into(exp.values[name].reshape(-1), dtype)
         if actual.shape != reference.shape:
             message = f"{name}: {actual.size} values for {reference.size} reduction groups"
             rec.add("statistics", name, "fail", message=message)

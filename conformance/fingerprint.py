@@ -17,7 +17,6 @@ one case (output, grad_input, grad_weight, ...) share one evaluation of each can
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,7 @@ import numpy as np
 from conformance import bounds, metrics, signatures
 from conformance.bounds import CaseModel
 from conformance.expected import Expected, backward_references, compute
-from conformance.inputs import CaseInputs
+from conformance.inputs import CaseInputs, inputs_digest
 from conformance.specs import spec
 from references.presets import presets_for
 
@@ -282,16 +281,6 @@ _MEMO: dict[tuple[Any, ...], Values] = {}
 _MEMO_LIMIT = 64
 
 
-def _digest(inputs: CaseInputs) -> str:
-    """The case and its input values (inputs need not come from the case's seed)."""
-    h = hashlib.sha256(inputs.case.case_id.encode())
-    for name, array in sorted({**inputs.arrays, **inputs.grads}.items()):
-        h.update(name.encode())
-        if array is not None:
-            h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()
-
-
 def _memoised(key: tuple[Any, ...], compute_values: Callable[[], Values]) -> Values:
     if key not in _MEMO:
         if len(_MEMO) >= _MEMO_LIMIT:
@@ -392,7 +381,7 @@ class _Search:
             dtype = "float32"  # statistics of half inputs are returned in float32
         shape, output = np.shape(self.actual), self.output
         backward = self.kind == "backward"  # forward-kind checks share forward values
-        memo = (_digest(self.inputs), tuple(sorted(self.declared.items())), backward)
+        memo = (inputs_digest(self.inputs), tuple(sorted(self.declared.items())), backward)
         for cand in candidates(self.kind, output, self.inputs, self.declared, model):
             try:
                 values = _memoised((*memo, cand.words), cand.values)

@@ -8,6 +8,7 @@ that ignores strides reads poison), ``channels_last`` uses torch's channels-last
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,7 @@ def build_inputs(case: Case) -> CaseInputs:
     if s.summand is not None:
         # The other summand is a modest perturbation, so the sum keeps the distribution's shape.
         other = draw_grad(case.shape, case.dtype, rng) * 2.0**-4
-        arrays[s.summand] = _typed(_round_to(other, case.dtype), case.dtype)
+        arrays[s.summand] = _typed(round_into(other, case.dtype), case.dtype)
     arrays["weight"] = None
     arrays["bias"] = None
     if case.affine:
@@ -76,8 +77,8 @@ def build_inputs(case: Case) -> CaseInputs:
         channels = case.shape[1]
         mean = draw_affine("bias", channels, case.dtype, rng)
         var = np.abs(draw_affine("weight", channels, case.dtype, rng)) + 0.25
-        arrays["running_mean"] = _typed(_round_to(mean, case.dtype), case.dtype)
-        arrays["running_var"] = _typed(_round_to(var, case.dtype), case.dtype)
+        arrays["running_mean"] = _typed(round_into(mean, case.dtype), case.dtype)
+        arrays["running_var"] = _typed(round_into(var, case.dtype), case.dtype)
     grads: dict[str, np.ndarray | None] = {
         "grad_output": _typed(draw_grad(case.shape, case.dtype, rng), case.dtype)
     }
@@ -86,8 +87,19 @@ def build_inputs(case: Case) -> CaseInputs:
     return CaseInputs(case, arrays, case.parameters(), grads)
 
 
-def _round_to(values: np.ndarray, dtype: str) -> np.ndarray:
+def round_into(values: Any, dtype: str) -> np.ndarray:
+    """Float64 values rounded (to nearest) into ``dtype`` and back: exact float64 values of it."""
     return np.asarray(values, dtype=np.float64).astype(NUMPY_DTYPES[dtype]).astype(np.float64)
+
+
+def inputs_digest(inputs: CaseInputs) -> str:
+    """The case id and every input value (inputs need not come from the case's seed)."""
+    h = hashlib.sha256(inputs.case.case_id.encode())
+    for name, array in sorted({**inputs.arrays, **inputs.grads}.items()):
+        h.update(name.encode())
+        if array is not None:
+            h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
 
 
 # -- torch side -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 
 from conformance import metrics, tolerance
 from conformance.bounds import CaseModel
-from conformance.inputs import NUMPY_DTYPES, CaseInputs
+from conformance.inputs import CaseInputs, round_into
 from conformance.results import Metrics
 
 FLOAT16_MAX = 65504.0
@@ -47,8 +47,7 @@ def summary(m: Metrics, of: str = "") -> str:
 
 
 def in_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
-    """``values`` rounded into ``dtype``, as float64."""
-    return np.asarray(values, dtype=np.float64).astype(NUMPY_DTYPES[dtype]).astype(np.float64)
+    return round_into(values, dtype)
 
 
 def bad_elements(actual: np.ndarray, reference: np.ndarray, bound: np.ndarray) -> np.ndarray:

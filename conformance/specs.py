@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import references
-from references import gradients as reference_gradients
 
 #: The convention keywords an adapter may declare, and their defaults (PyTorch's).
 CONVENTION_DEFAULTS: Mapping[str, Any] = {
@@ -36,7 +35,6 @@ class NormSpec:
     summand: str | None  # "residual" (fused adds) or "sublayer_output" (DeepNorm)
     conventions: tuple[str, ...]
     forward: Callable[..., Any]
-    backward: Callable[..., Any]
     default_eps: float | None
 
     @property
@@ -67,7 +65,6 @@ SPECS: Mapping[str, NormSpec] = {
             None,
             _BASIC,
             references.layer_norm,
-            reference_gradients.layer_norm_backward,
             1e-5,
         ),
         NormSpec(
@@ -78,7 +75,6 @@ SPECS: Mapping[str, NormSpec] = {
             None,
             _BASIC,
             references.rms_norm,
-            reference_gradients.rms_norm_backward,
             None,
         ),
         NormSpec(
@@ -89,7 +85,6 @@ SPECS: Mapping[str, NormSpec] = {
             None,
             _BASIC,
             references.group_norm,
-            reference_gradients.group_norm_backward,
             1e-5,
         ),
         NormSpec(
@@ -100,7 +95,6 @@ SPECS: Mapping[str, NormSpec] = {
             None,
             _RUNNING,
             references.batch_norm,
-            reference_gradients.batch_norm_backward,
             1e-5,
         ),
         NormSpec(
@@ -111,7 +105,6 @@ SPECS: Mapping[str, NormSpec] = {
             None,
             _BASIC,
             references.instance_norm,
-            reference_gradients.instance_norm_backward,
             1e-5,
         ),
         NormSpec(
@@ -122,7 +115,6 @@ SPECS: Mapping[str, NormSpec] = {
             "sublayer_output",
             _ADD,
             references.deep_norm,
-            reference_gradients.deep_norm_backward,
             1e-5,
         ),
         NormSpec(
@@ -133,7 +125,6 @@ SPECS: Mapping[str, NormSpec] = {
             "residual",
             _ADD,
             references.fused_add_rms_norm,
-            reference_gradients.fused_add_rms_norm_backward,
             None,
         ),
         NormSpec(
@@ -144,7 +135,6 @@ SPECS: Mapping[str, NormSpec] = {
             "residual",
             _ADD,
             references.fused_add_layer_norm,
-            reference_gradients.fused_add_layer_norm_backward,
             1e-5,
         ),
     )
