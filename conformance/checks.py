@@ -168,7 +168,7 @@ def call_adapter(
     try:
         result = fn(*args, **call_keywords(case.norm, inputs.params))
     except Exception as exc:  # the adapter's failure is a finding, not ours
-        out.problems.append(f"raised {type(exc).__name__}: {_first_line(exc)}")
+        out.problems.append(f"raised {type(exc).__name__}: {first_line(exc)}")
         return out
     names = returns or (("output", "residual_out") if s.fused else ("output",))
     returned = result if len(names) > 1 else (result,)
@@ -195,7 +195,8 @@ def call_adapter(
     return out
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, cut to 300 characters."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
 
@@ -267,7 +268,7 @@ def _compare(
                     kind, name, inputs, rec.convention, actual, exp, model, m, bound_for
                 )
         except Exception as exc:  # a diagnosis is a courtesy; the verdict stands without it
-            diagnosis = f"no diagnosis: the search raised {type(exc).__name__}: {_first_line(exc)}"
+            diagnosis = f"no diagnosis: the search raised {type(exc).__name__}: {first_line(exc)}"
     rec.add(
         kind,
         name,
@@ -389,7 +390,7 @@ def _backward(
             "backward",
             "call",
             "fail",
-            message=f"backward raised {type(exc).__name__}: {_first_line(exc)}",
+            message=f"backward raised {type(exc).__name__}: {first_line(exc)}",
         )
         return
     g_out = np.asarray(inputs.grads["grad_output"], dtype=np.float64)

@@ -17,7 +17,7 @@ from importlib import metadata
 from typing import Any
 
 from conformance.cases import DTYPES, Case, catalogue
-from conformance.checks import Target, run_case
+from conformance.checks import Target, first_line, run_case
 from conformance.messages import reproduction_command
 from conformance.results import CheckResult, RunRecord
 from conformance.specs import NORM_NAMES
@@ -96,7 +96,6 @@ def select_cases(
 
 
 def _suite_error(target: Target, case: Case, exc: Exception) -> CheckResult:
-    text = str(exc).strip().splitlines()
     return CheckResult(
         case_id=case.case_id,
         norm=case.norm,
@@ -108,8 +107,7 @@ def _suite_error(target: Target, case: Case, exc: Exception) -> CheckResult:
         layout=case.layout,
         seed=case.seed,
         verdict="fail",
-        message=f"the suite could not run this case: {type(exc).__name__}: "
-        f"{text[0] if text else ''}",
+        message=f"the suite could not run this case: {type(exc).__name__}: {first_line(exc)}",
         reproduce=target.reproduce(case),
     )
 

@@ -60,7 +60,7 @@ unnoticed):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,13 @@ METADATA = (
     "normconf_reduction",
     "normconf_inplace",
 )
+
+
+def normalized_dims(normalized_shape: int | Sequence[int]) -> list[int]:
+    """``normalized_shape`` as a list: the engine may pass a bare int, as the references accept."""
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return [int(size) for size in normalized_shape]
 
 
 class AdapterError(Exception):

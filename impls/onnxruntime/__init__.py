@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from impls.adapter import NORMS, AdapterError
+from impls.adapter import NORMS, AdapterError, normalized_dims
 
 try:
     import onnx  # noqa: F401  (the graphs need it; fail here with the install hint)
@@ -75,7 +75,7 @@ def layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    shape = _shape(normalized_shape)
+    shape = tuple(normalized_dims(normalized_shape))
     attributes = {"axis": -len(shape), "epsilon": eps, "stash_type": _stash(input)}
     params = _affine(input, shape, weight, bias)
     return _run("layer_norm", input, len(shape), attributes, [input, *params])[0]
@@ -87,7 +87,7 @@ def rms_norm(
     weight: Tensor | None = None,
     eps: float | None = None,
 ) -> Tensor:
-    shape = _shape(normalized_shape)
+    shape = tuple(normalized_dims(normalized_shape))
     attributes = {"axis": -len(shape), "epsilon": _rms_eps(input, eps), "stash_type": _stash(input)}
     scale = _affine(input, shape, weight, None)[0]
     return _run("rms_norm", input, len(shape), attributes, [input, scale])[0]
@@ -176,7 +176,7 @@ def deep_norm(
     alpha: float = 1.0,
     eps: float = 1e-5,
 ) -> Tensor:
-    shape = _shape(normalized_shape)
+    shape = tuple(normalized_dims(normalized_shape))
     attributes = {"axis": -len(shape), "epsilon": eps, "stash_type": _stash(input)}
     inputs = [input, sublayer_output, _scalar(input, alpha), *_affine(input, shape, weight, bias)]
     return _run("deep_norm", input, len(shape), attributes, inputs)[0]
@@ -191,7 +191,7 @@ def fused_add_rms_norm(
     *,
     alpha: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    shape = _shape(normalized_shape)
+    shape = tuple(normalized_dims(normalized_shape))
     attributes = {"axis": -len(shape), "epsilon": _rms_eps(input, eps), "stash_type": _stash(input)}
     scale = _affine(input, shape, weight, None)[0]
     inputs = [input, residual, _scalar(input, alpha), scale]
@@ -209,7 +209,7 @@ def fused_add_layer_norm(
     *,
     alpha: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    shape = _shape(normalized_shape)
+    shape = tuple(normalized_dims(normalized_shape))
     attributes = {"axis": -len(shape), "epsilon": eps, "stash_type": _stash(input)}
     inputs = [input, residual, _scalar(input, alpha), *_affine(input, shape, weight, bias)]
     y, z = _run("fused_add_layer_norm", input, len(shape), attributes, inputs, input.shape)
@@ -233,12 +233,6 @@ def _run(
     )
     shapes = [tuple(input.shape), *(tuple(shape) for shape in extra_shapes)]
     return run(key, inputs, shapes)
-
-
-def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(normalized_shape, int):
-        return (normalized_shape,)
-    return tuple(int(size) for size in normalized_shape)
 
 
 def _stash(input: Tensor) -> int:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from impls.adapter import normalized_dims
+
 normconf_name = "torch (eager)"
 normconf_devices = ("cpu", "cuda")
 
@@ -48,7 +50,7 @@ def deep_norm(
 ) -> Tensor:
     """``layer_norm(alpha * input + sublayer_output)``, the sum rounded once into the dtype."""
     z = torch.add(sublayer_output, input, alpha=alpha)
-    return F.layer_norm(z, _shape(normalized_shape), weight, bias, eps)
+    return F.layer_norm(z, normalized_dims(normalized_shape), weight, bias, eps)
 
 
 def fused_add_rms_norm(
@@ -62,7 +64,7 @@ def fused_add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """``(rms_norm(z), z)`` with ``z = input + alpha * residual`` rounded once into the dtype."""
     z = torch.add(input, residual, alpha=alpha)
-    return F.rms_norm(z, _shape(normalized_shape), weight, eps), z
+    return F.rms_norm(z, normalized_dims(normalized_shape), weight, eps), z
 
 
 def fused_add_layer_norm(
@@ -77,14 +79,7 @@ def fused_add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """``(layer_norm(z), z)`` with ``z = input + alpha * residual`` rounded once into the dtype."""
     z = torch.add(input, residual, alpha=alpha)
-    return F.layer_norm(z, _shape(normalized_shape), weight, bias, eps), z
-
-
-def _shape(normalized_shape: int | Sequence[int]) -> list[int]:
-    """``F.layer_norm`` takes a sequence; the references also accept a bare int."""
-    if isinstance(normalized_shape, int):
-        return [normalized_shape]
-    return list(normalized_shape)
+    return F.layer_norm(z, normalized_dims(normalized_shape), weight, bias, eps), z
 
 
 def layer_norm_with_stats(
@@ -95,7 +90,9 @@ def layer_norm_with_stats(
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``F.layer_norm`` with the mean and rstd it saves for backward (``native_layer_norm``)."""
-    out, mean, rstd = torch.native_layer_norm(input, _shape(normalized_shape), weight, bias, eps)
+    out, mean, rstd = torch.native_layer_norm(
+        input, normalized_dims(normalized_shape), weight, bias, eps
+    )
     return out, mean, rstd
 
 
