@@ -4,8 +4,10 @@ For a case the checks are, in order: ``contract`` (the call returns tensors of t
 dtype and device, raises nothing, leaves its inputs alone), ``forward`` (or ``nonfinite`` for
 inputs with NaN/Inf: the output and, for the add-norms, the new residual), ``backward`` (the
 gradients autograd gives for the input, weight, bias and residual) and ``running_stats``
-(BatchNorm in training). Every comparison is against the correctly rounded reference with the
-tolerance model's per-element bound, and a failure gets a diagnosis from
+(BatchNorm in training), then ``determinism`` (the same inputs again, on fresh tensors: the
+outputs and gradients must be bitwise equal to the first call's). Every comparison is against the
+correctly rounded reference with the tolerance model's per-element bound, and a failure gets a
+diagnosis from
 :mod:`conformance.fingerprint`.
 """
 
@@ -142,6 +144,7 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
         _running_stats(rec, inputs, outcome, exp, model)
     if want_backward and kind == "forward":
         _backward(rec, inputs, outcome, exp, model, target.device)
+    _determinism(rec, adapter, inputs, outcome, target.device, want_backward and kind == "forward")
     return rec.results
 
 
@@ -413,6 +416,88 @@ def _backward(
             return _gradient_bound(m, name, g_out, inputs, exp.values[name])
 
         _compare(rec, "backward", name, outcome, exp, bound, inputs, model)
+
+
+def _determinism(
+    rec: _Recorder,
+    adapter: Any,
+    inputs: CaseInputs,
+    first: CallOutcome,
+    device: str,
+    backward: bool,
+) -> None:
+    """Call the adapter again on fresh tensors holding the same inputs; every output (and, with
+    ``backward``, every gradient) must equal the first call's bit for bit.
+
+    A difference fails where the adapter declares itself deterministic (the default); where it
+    declares ``normconf_deterministic = False`` a forward difference still fails (no
+    convention excuses a forward pass that changes from run to run), a gradient difference is
+    reported and passes (racy atomic reductions of dW are a declared trade-off).
+    """
+    again = call_adapter(adapter.functions[rec.case.norm], inputs, device, backward)
+    if again.problems or not first.tensors:
+        why = "; ".join(again.problems) or "the first call returned no tensors"
+        rec.add("determinism", "call", "fail", message=f"second call: {why}")
+        return
+    gradients = {leaf: t.grad for leaf, t in first.leaves.items() if t.grad is not None}
+    if backward and gradients:
+        try:
+            _backward_again(again, inputs, device)
+        except Exception as exc:  # the first backward succeeded: a second one must too
+            rec.add(
+                "determinism",
+                "call",
+                "fail",
+                message=f"second backward raised {type(exc).__name__}: {first_line(exc)}",
+            )
+            return
+    pairs = [(name, first.tensors[name], again.tensors.get(name)) for name in first.tensors]
+    pairs += [(f"grad_{leaf}", g, again.leaves[leaf].grad) for leaf, g in gradients.items()]
+    differing = [name for name, a, b in pairs if not _bitwise_equal(a, b)]
+    forward_differs = [name for name in differing if not name.startswith("grad_")]
+    if not differing:
+        rec.add(
+            "determinism",
+            "call",
+            "pass",
+            message=f"bitwise equal: {', '.join(n for n, _, _ in pairs)}",
+        )
+        return
+    declared = bool(getattr(adapter, "deterministic", True))
+    verdict = "fail" if declared or forward_differs else "pass"
+    note = "" if verdict == "fail" else " (the adapter declares itself nondeterministic)"
+    rec.add(
+        "determinism",
+        "call",
+        verdict,
+        message=f"the same inputs twice gave different bits in {', '.join(differing)}{note}",
+    )
+
+
+def _backward_again(again: CallOutcome, inputs: CaseInputs, device: str) -> None:
+    import torch
+
+    outputs = [again.tensors["output"]]
+    upstream = [to_tensor(inputs.grads["grad_output"], device)]
+    if "residual_out" in again.tensors and inputs.grads.get("grad_residual_out") is not None:
+        outputs.append(again.tensors["residual_out"])
+        upstream.append(to_tensor(inputs.grads["grad_residual_out"], device))
+    torch.autograd.backward(outputs, upstream)
+
+
+_SAME_WIDTH_INTEGERS = {8: "int64", 4: "int32", 2: "int16", 1: "int8"}
+
+
+def _bitwise_equal(a: Any, b: Any) -> bool:
+    """Whether two tensors hold the same bits (NaN payloads and signed zeros included)."""
+    import torch
+
+    if b is None or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = getattr(torch, _SAME_WIDTH_INTEGERS[a.element_size()])
+    left = a.detach().contiguous().view(ints)
+    right = b.detach().contiguous().view(ints)
+    return bool(torch.equal(left, right))
 
 
 def _gradient_bound(

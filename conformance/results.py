@@ -19,7 +19,15 @@ SCHEMA_VERSION = 1
 GRADES = ("correctly_rounded", "faithful", "within_tolerance", "fail")
 
 #: Check kinds, in the order they run for a case.
-KINDS = ("forward", "statistics", "backward", "running_stats", "nonfinite", "contract")
+KINDS = (
+    "forward",
+    "statistics",
+    "backward",
+    "running_stats",
+    "nonfinite",
+    "contract",
+    "determinism",
+)
 
 VERDICTS = ("pass", "fail", "skip")
 

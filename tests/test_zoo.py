@@ -253,3 +253,74 @@ def test_handwritten_against_pytorch_is_diagnosed_as_eps_outside() -> None:
     phrase = "ε added to the standard deviation"
     unnamed = [c for c in failed if phrase not in (c.diagnosis or "")]
     assert not unnamed, listing(unnamed)
+
+
+def _determinism(record: RunRecord) -> list[CheckResult]:
+    return [c for c in record.checks if c.kind == "determinism"]
+
+
+def test_racy_weight_gradient_fails_the_determinism_check() -> None:
+    """dW summed in a different order each call: every value is accurate, the bits are not
+    reproducible, and the adapter claims (by default) that they are."""
+    record = run(str(ZOO / "racy_weight_grad.py"), ["layer_norm"], ["float32"], ["normal"])
+    failed = failures(record)
+    assert failed, "a dW summed in random order passed the determinism check"
+    assert {c.kind for c in failed} == {"determinism"}, listing(failed)
+    for check in failed:
+        assert "different bits in grad_weight" in (check.message or ""), check.message
+        assert "output" not in (check.message or "").split("bits in ", 1)[1]
+
+
+def test_declared_nondeterministic_backward_is_reported_not_failed() -> None:
+    import importlib.util
+
+    source = importlib.util.spec_from_file_location("racy", ZOO / "racy_weight_grad.py")
+    assert source is not None
+    assert source.loader is not None
+    racy = importlib.util.module_from_spec(source)
+    source.loader.exec_module(racy)
+    adapter = from_object(
+        SimpleNamespace(layer_norm=racy.layer_norm, normconf_deterministic=False), "racy, declared"
+    )
+    cases = select_cases(norms=["layer_norm"], dtypes=["float32"], quick=True)
+    record = certify(adapter, cases, device="cpu")
+    assert record.verdict == "pass", listing(failures(record))
+    reported = [c for c in _determinism(record) if "different bits" in (c.message or "")]
+    assert reported, "the racy dW was not reported"
+    assert all("declares itself nondeterministic" in (c.message or "") for c in reported)
+
+
+def test_nondeterministic_forward_fails_even_when_declared() -> None:
+    calls = iter(range(1_000_000))
+
+    def drifting(
+        x: Any, shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5
+    ) -> Any:
+        import torch.nn.functional as F
+
+        out = F.layer_norm(x, shape, weight, bias, eps)
+        # the last bit of one element flips on every other call: accurate, not reproducible
+        if next(calls) % 2:
+            flat = out.detach().view(-1)
+            flat[0] = flat[0].nextafter(flat[0] + 1)
+        return out
+
+    adapter = from_object(
+        SimpleNamespace(layer_norm=drifting, normconf_deterministic=False, normconf_backward=False),
+        "drifting forward",
+    )
+    cases = select_cases(
+        norms=["layer_norm"], dtypes=["float32"], quick=True, distributions=["normal"]
+    )
+    record = certify(adapter, cases, device="cpu")
+    failed = failures(record)
+    assert failed
+    assert {c.kind for c in failed} == {"determinism"}, listing(failed)
+    assert all("different bits in output" in (c.message or "") for c in failed)
+
+
+def test_deterministic_builtins_pass_the_determinism_check() -> None:
+    record = run("torch", ["layer_norm", "group_norm"], ["float32", "bfloat16"], ["normal"])
+    checks = _determinism(record)
+    assert checks
+    assert all(c.verdict == "pass" for c in checks), listing(checks)
