@@ -477,11 +477,12 @@ def _determinism(
 def _backward_again(again: CallOutcome, inputs: CaseInputs, device: str) -> None:
     import torch
 
+    grads = {k: to_tensor(v, device) for k, v in inputs.grads.items() if v is not None}
     outputs = [again.tensors["output"]]
-    upstream = [to_tensor(inputs.grads["grad_output"], device)]
-    if "residual_out" in again.tensors and inputs.grads.get("grad_residual_out") is not None:
+    upstream = [grads["grad_output"]]
+    if "residual_out" in again.tensors and "grad_residual_out" in grads:
         outputs.append(again.tensors["residual_out"])
-        upstream.append(to_tensor(inputs.grads["grad_residual_out"], device))
+        upstream.append(grads["grad_residual_out"])
     torch.autograd.backward(outputs, upstream)
 
 
