@@ -260,15 +260,18 @@ def _determinism(record: RunRecord) -> list[CheckResult]:
 
 
 def test_racy_weight_gradient_fails_the_determinism_check() -> None:
-    """dW summed in a different order each call: every value is accurate, the bits are not
-    reproducible, and the adapter claims (by default) that they are."""
+    """dW summed in an order that changes from call to call: every value is accurate, the bits
+    are not reproducible, and the adapter claims (by default) that they are."""
     record = run(str(ZOO / "racy_weight_grad.py"), ["layer_norm"], ["float32"], ["normal"])
     failed = failures(record)
-    assert failed, "a dW summed in random order passed the determinism check"
+    assert failed, "a dW summed in a changing order passed the determinism check"
     assert {c.kind for c in failed} == {"determinism"}, listing(failed)
-    for check in failed:
-        assert "different bits in grad_weight" in (check.message or ""), check.message
-        assert "output" not in (check.message or "").split("bits in ", 1)[1]
+    differing = {
+        name
+        for check in failed
+        for name in (check.message or "").split("different bits in ", 1)[1].split(", ")
+    }
+    assert differing <= {"grad_weight", "grad_bias"}, listing(failed)
 
 
 def test_declared_nondeterministic_backward_is_reported_not_failed() -> None:
