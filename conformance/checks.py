@@ -67,6 +67,7 @@ class _Recorder:
         self.case, self.target, self.convention = case, target, convention
         self.results: list[CheckResult] = []
         self.started = time.perf_counter()
+        self.kappa: float | None = None
 
     def _lap(self) -> float:
         """Seconds since the previous check of the case (the first: since the case began,
@@ -91,6 +92,7 @@ class _Recorder:
             reproduce=self.target.reproduce(c),
             convention=self.convention,
             duration_s=self._lap(),
+            kappa=self.kappa,
             **fields,
         )
         self.results.append(result)
@@ -122,6 +124,7 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
         accumulation=getattr(adapter, "accumulation", None),
         reduction=adapter.reduction,
     )
+    rec.kappa = _case_kappa(model)
     kind = "nonfinite" if case.distribution == "nonfinite" else "forward"
     reference = exp.values["output"]
     _compare(
@@ -146,6 +149,14 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
         _backward(rec, inputs, outcome, exp, model, target.device)
     _determinism(rec, adapter, inputs, outcome, target.device, want_backward and kind == "forward")
     return rec.results
+
+
+def _case_kappa(model: bounds.CaseModel) -> float | None:
+    """The largest κ over the case's groups; None where any is not finite (NaN/Inf inputs)."""
+    kappa = np.asarray(model.stats.kappa, dtype=np.float64)
+    if kappa.size == 0 or not np.isfinite(kappa).all():
+        return None
+    return float(kappa.max())
 
 
 def call_adapter(
@@ -413,7 +424,7 @@ def _backward(
         outcome.values[name] = to_numpy(tensor)
 
         def bound(m: bounds.CaseModel, name: str = name) -> np.ndarray:
-            return _gradient_bound(m, name, g_out, inputs, exp.values[name])
+            return gradient_bound(m, name, g_out, inputs, exp.values[name])
 
         _compare(rec, "backward", name, outcome, exp, bound, inputs, model)
 
@@ -501,7 +512,7 @@ def _bitwise_equal(a: Any, b: Any) -> bool:
     return bool(torch.equal(left, right))
 
 
-def _gradient_bound(
+def gradient_bound(
     model: bounds.CaseModel, name: str, g_out: np.ndarray, inputs: CaseInputs, reference: np.ndarray
 ) -> np.ndarray:
     case = model.case

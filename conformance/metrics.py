@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.results import GRADES, Metrics
+from conformance.results import GRADES, ULP_HISTOGRAM_EDGES, Metrics
 from references.formats import FORMATS, Format
 
 #: Signed integer type of each dtype's bit pattern, by width in bits.
@@ -138,6 +138,7 @@ def _empty_metrics() -> Metrics:
         worst_reference=0.0,
         worst_ulp=0.0,
         worst_tolerance_ulp=0.0,
+        ulp_histogram=[0] * (len(ULP_HISTOGRAM_EDGES) + 1),
     )
 
 
@@ -246,7 +247,18 @@ def compare(actual: np.ndarray, reference: np.ndarray, bound: np.ndarray, dtype:
         # At a non-finite reference there is no spacing to count the bound in.
         worst_tolerance_ulp=float(b[worst]) / spacing if np.isfinite(spacing) else float("nan"),
         nonfinite_mismatches=e.nonfinite,
+        ulp_histogram=ulp_histogram(e.ulps),
     )
+
+
+_EDGES = np.asarray(ULP_HISTOGRAM_EDGES, dtype=np.float64)
+
+
+def ulp_histogram(distances: np.ndarray) -> list[int]:
+    """Counts of ``distances`` (ulps, ``inf`` for a non-finite mismatch) per bin of
+    :data:`conformance.results.ULP_HISTOGRAM_EDGES`."""
+    bins = np.searchsorted(_EDGES, distances, side="left")
+    return [int(n) for n in np.bincount(bins, minlength=_EDGES.size + 1)]
 
 
 def grade(metrics: Metrics) -> str:

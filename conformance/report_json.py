@@ -18,10 +18,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from conformance.results import GRADES, VERDICTS, Metrics, RunRecord
+from conformance.results import GRADES, VERDICTS, Metrics, RunRecord, SpeedResult
 
 #: The Metrics fields that hold floats (and so may hold NaN or infinities).
 _METRIC_FLOATS = frozenset(f.name for f in fields(Metrics) if f.type == "float")
+#: The SpeedResult fields that hold floats (NaN where a timed call raised).
+_SPEED_FLOATS = frozenset(f.name for f in fields(SpeedResult) if "float" in str(f.type))
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -105,6 +107,17 @@ def _scalar(value: Any) -> Any:
 
 
 def _decode(data: dict[str, Any]) -> dict[str, Any]:
+    speed = data.get("speed")
+    if isinstance(speed, list):
+        data = {
+            **data,
+            "speed": [
+                {k: _float(v) if k in _SPEED_FLOATS else v for k, v in r.items()}
+                if isinstance(r, dict)
+                else r
+                for r in speed
+            ],
+        }
     checks = data.get("checks")
     if not isinstance(checks, list):
         return data
@@ -136,6 +149,11 @@ def _validate(record: RunRecord, data: dict[str, Any], source: str) -> None:
             )
         if check.grade is not None and check.grade not in GRADES:
             raise ValueError(f"{source}: check {i} has grade {check.grade!r}, not in {GRADES}")
+    for i, result in enumerate(record.speed):
+        if result.verdict not in VERDICTS:
+            raise ValueError(
+                f"{source}: speed result {i} has verdict {result.verdict!r}, not in {VERDICTS}"
+            )
     if data.get("verdict") != record.verdict:
         raise ValueError(
             f"{source}: stored verdict {data.get('verdict')!r} disagrees with its checks "

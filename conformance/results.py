@@ -10,7 +10,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions :meth:`RunRecord.from_dict` reads: version 1 lacks the ulp histograms, the case's
+#: κ, the speed results and the ceiling (read as empty).
+READABLE_VERSIONS = (1, 2)
+
+#: Upper edges of the ulp-error histogram's bins: bin 0 holds distance 0, bin ``i`` distances in
+#: ``(EDGES[i-1], EDGES[i]]``, the last bin (``len(EDGES)``) everything above ``2**20`` ulps and
+#: non-finite mismatches.
+ULP_HISTOGRAM_EDGES = (0, 1, 2, *(2**k for k in range(2, 21)))
 
 #: Grades from best to worst. ``correctly_rounded``: every element equals the correctly rounded
 #: reference; ``faithful``: every element within 1 ulp of the exact value (one of the two
@@ -59,6 +67,8 @@ class Metrics:
     worst_ulp: float
     worst_tolerance_ulp: float
     nonfinite_mismatches: int = 0
+    #: Count of elements per bin of :data:`ULP_HISTOGRAM_EDGES` (empty in version-1 reports).
+    ulp_histogram: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -101,6 +111,9 @@ class CheckResult:
     reproduce: str = ""
     convention: dict[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
+    #: The case's condition number: the largest κ = rms(x)/√(v + ε) over its reduction groups
+    #: (None where it is not defined: non-finite inputs, version-1 reports).
+    kappa: float | None = None
 
     @property
     def check_id(self) -> str:
@@ -123,6 +136,54 @@ class CheckResult:
         return cls(**d)
 
 
+#: Directions a speed result times.
+DIRECTIONS = ("forward", "backward")
+
+
+@dataclass
+class SpeedResult:
+    """The timing of one norm, dtype, shape and direction, with its verdict.
+
+    ``bytes`` is the bytes model's count (:mod:`conformance.speed`); ``gbps`` = bytes / median;
+    ``fraction_of_ceiling`` = gbps / the run's copy bandwidth; ``ratio`` = the baseline's median
+    / this median (above 1: faster than the baseline). Times are seconds per call.
+    """
+
+    speed_id: str
+    norm: str
+    dtype: str
+    direction: str
+    shape: tuple[int, ...]
+    device: str
+    bytes: int
+    method: str
+    rounds: int
+    median_s: float
+    p25_s: float
+    p75_s: float
+    min_s: float
+    gbps: float
+    fraction_of_ceiling: float | None
+    verdict: str
+    message: str = ""
+    baseline: str | None = None
+    baseline_median_s: float | None = None
+    ratio: float | None = None
+    reverified: bool = False
+    reproduce: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeedResult:
+        d = dict(d)
+        d["shape"] = tuple(d["shape"])
+        return cls(**d)
+
+
 @dataclass
 class RunRecord:
     """A whole certification run: who was certified, where, with what, and every check."""
@@ -136,10 +197,22 @@ class RunRecord:
     finished: str
     command: str
     checks: list[CheckResult] = field(default_factory=list)
+    speed: list[SpeedResult] = field(default_factory=list)
+    #: The bandwidth ceiling measured in the run (:mod:`conformance.timing`); None without
+    #: ``--speed``.
+    ceiling: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> str:
+        """The accuracy verdict: ``fail`` when any check failed."""
         return "fail" if any(c.verdict == "fail" for c in self.checks) else "pass"
+
+    @property
+    def speed_verdict(self) -> str | None:
+        """The speed verdict, separate from accuracy: None when speed was not measured."""
+        if not self.speed:
+            return None
+        return "fail" if any(s.verdict == "fail" for s in self.speed) else "pass"
 
     def summary(self) -> dict[str, int]:
         counts = {v: 0 for v in VERDICTS}
@@ -162,15 +235,19 @@ class RunRecord:
             "finished": self.finished,
             "command": self.command,
             "checks": [c.to_dict() for c in self.checks],
+            "speed_verdict": self.speed_verdict,
+            "ceiling": self.ceiling,
+            "speed": [r.to_dict() for r in self.speed],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
         if d.get("schema") != "normconf.report":
             raise ValueError("not a normconf report: missing schema 'normconf.report'")
-        if d.get("schema_version") != SCHEMA_VERSION:
+        if d.get("schema_version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"report schema version {d.get('schema_version')!r} is not {SCHEMA_VERSION}"
+                f"report schema version {d.get('schema_version')!r} is not one of "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
         return cls(
             adapter=d["adapter"],
@@ -182,4 +259,6 @@ class RunRecord:
             finished=d["finished"],
             command=d["command"],
             checks=[CheckResult.from_dict(c) for c in d["checks"]],
+            speed=[SpeedResult.from_dict(r) for r in d.get("speed", [])],
+            ceiling=d.get("ceiling"),
         )
