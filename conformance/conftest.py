@@ -6,6 +6,11 @@ Options (all under ``--adapter``'s group): ``--adapter SPEC`` (required to run a
 the drawn-rows test. Every case of the catalogue becomes one test whose id is the
 case id (``norm-dtype-shape-distribution-…``); a failure prints, per failed check, the
 numpy-style comparison and the command that reproduces it.
+
+``--speed`` adds the speed battery (:mod:`conformance.speed`): one test per timing, marked
+``speed`` (``-m speed`` runs only them, ``-m "not speed"`` none), judged like ``normconf
+certify --speed`` against ``--baseline SPEC`` (default ``torch``) and the thresholds of
+``conformance/speed.toml``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"))
     group.addoption("--conformance-seed", type=int, default=0, help="run seed")
     group.addoption("--convention", default="declared", choices=("declared", "pytorch"))
+    group.addoption("--speed", action="store_true", help="add the speed battery")
+    group.addoption("--baseline", default="torch", help="baseline adapter of the speed battery")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "speed: a timing of the speed battery (needs --speed)")
 
 
 def _adapter(config: pytest.Config) -> Any:
@@ -58,6 +69,8 @@ _ADAPTER_KEY = pytest.StashKey[Any]()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "conformance_speed_case" in metafunc.fixturenames:
+        _speed_cases(metafunc)
     if "conformance_case" not in metafunc.fixturenames:
         return
     loaded = _adapter(metafunc.config)
@@ -104,3 +117,41 @@ def conformance_target(request: pytest.FixtureRequest) -> Any:
         {} if pytorch else adapter.conventions,
         lambda case: reproduction_command(case.case_id, adapter.spec, seed, extra),
     )
+
+
+def _speed_cases(metafunc: pytest.Metafunc) -> None:
+    loaded = _adapter(metafunc.config)
+    opt = metafunc.config.getoption
+    if loaded is None or not opt("--speed"):
+        why = "the speed battery needs --adapter SPEC and --speed"
+        skipped = pytest.param(None, marks=pytest.mark.skip(reason=why))
+        metafunc.parametrize("conformance_speed_case", [skipped], ids=["no-speed"])
+        return
+    from conformance.speed import speed_cases
+
+    adapter, device = loaded
+    battery = speed_cases(
+        adapter, device, norms=opt("--norm"), dtypes=opt("--dtype"), quick=opt("--quick")
+    )
+    metafunc.parametrize("conformance_speed_case", battery, ids=[c.speed_id for c in battery])
+
+
+@pytest.fixture(scope="session")
+def conformance_speed(request: pytest.FixtureRequest) -> Any:
+    """What every speed test shares: thresholds, the baseline, the ceiling measured once, and
+    the accuracy verdict of each norm and dtype (from the quick battery, run once each)."""
+    from conformance.speed import load_thresholds
+    from conformance.timing import measure_ceiling
+    from impls.loader import load_adapter
+
+    adapter, device = _adapter(request.config)
+    spec = request.config.getoption("--baseline")
+    baseline = None
+    if spec.strip().lower() != "none":
+        baseline = adapter if spec == adapter.spec else load_adapter(spec)
+    return {
+        "thresholds": load_thresholds(device),
+        "baseline": baseline,
+        "ceiling": measure_ceiling(device),
+        "accuracy": {},
+    }

@@ -35,7 +35,7 @@ def hardware(device: str) -> dict[str, Any]:
         "device": device,
         "machine": platform.machine(),
         "system": platform.system(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
     }
     if device == "cuda":
@@ -47,7 +47,7 @@ def hardware(device: str) -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -161,5 +161,49 @@ def certify(
         record.checks.extend(results)
         if progress is not None:
             progress(done, len(cases), case, results)
+    record.finished = now()
+    return record
+
+
+def certify_speed(
+    record: RunRecord,
+    adapter: Any,
+    *,
+    device: str,
+    baseline: Any | None,
+    thresholds: Any,
+    norms: Sequence[str] | None = None,
+    dtypes: Sequence[str] | None = None,
+    quick: bool = False,
+    conventions: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: Callable[[int, int, Any], None] | None = None,
+) -> RunRecord:
+    """Add the speed battery (:mod:`conformance.speed`) to ``record``, a finished accuracy run
+    of ``adapter``: the ceiling measured now, then every speed case timed, re-verified and
+    judged against ``thresholds`` and the ``baseline`` adapter (None: no ratio)."""
+    from conformance import speed, timing
+
+    battery = speed.speed_cases(adapter, device, norms=norms, dtypes=dtypes, quick=quick)
+    declared = adapter.conventions if conventions is None else conventions
+    record.ceiling = timing.measure_ceiling(device)
+    extra = ["--quick"] if quick else []
+
+    def reproduce(sc: Any) -> str:
+        argv = ["normconf", "certify", "--adapter", adapter.spec, "--device", device, "--speed"]
+        argv += [*extra, "--norm", sc.norm, "--dtype", sc.dtype]
+        return shlex.join(argv)
+
+    record.speed = speed.run_speed(
+        adapter,
+        baseline,
+        battery,
+        device=device,
+        conventions=declared,
+        thresholds=thresholds,
+        failed_accuracy=speed.accuracy_failures(record.checks),
+        reproduce=reproduce,
+        ceiling=record.ceiling,
+        progress=progress,
+    )
     record.finished = now()
     return record

@@ -80,6 +80,7 @@ def render_markdown(record: RunRecord) -> str:
         _facts(record),
         _matrix(record),
         _kinds(record),
+        _speed(record),
         _failures(record),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
@@ -93,11 +94,68 @@ def adapter_name(record: RunRecord) -> str:
 def _header(record: RunRecord) -> str:
     counts = record.summary()
     verdict = "✅ PASS" if record.verdict == "pass" else "❌ FAIL"
-    return (
+    text = (
         f"# normconf report: {escape(adapter_name(record))}\n\n"
         f"**Verdict: {verdict}**: {len(record.checks)} checks, {counts['pass']} passed, "
         f"{counts['fail']} failed, {counts['skip']} skipped"
     )
+    if record.speed_verdict is not None:
+        failed = sum(r.verdict == "fail" for r in record.speed)
+        mark = "✅ PASS" if record.speed_verdict == "pass" else "❌ FAIL"
+        text += f"\n\n**Speed: {mark}**: {len(record.speed)} timings, {failed} failed"
+    return text
+
+
+def _speed(record: RunRecord) -> str:
+    """The speed battery: the ceiling, then one row per timing with its verdict and reasons."""
+    if not record.speed:
+        return ""
+    ceiling = record.ceiling or {}
+    datasheet = ceiling.get("datasheet_gbps")
+    lines = [
+        "## Speed",
+        "",
+        f"Ceiling: **{_gbps(ceiling.get('gbps'))} GB/s**, {escape(ceiling.get('method', ''))} "
+        f"on {escape(ceiling.get('name', ''))}"
+        + (f"; datasheet peak {_gbps(datasheet)} GB/s" if datasheet else "")
+        + ". Bandwidth is the bytes model's count (conformance/speed.py) per median call.",
+    ]
+    header = ["timing", "median", "spread (p25 to p75)", "GB/s", "of ceiling", "vs baseline", ""]
+    rows = []
+    for r in record.speed:
+        fraction = "—" if r.fraction_of_ceiling is None else f"{r.fraction_of_ceiling:.0%}"
+        ratio = "—" if r.ratio is None else f"{r.ratio:.2f}x {escape(r.baseline or '')}"
+        mark = "✅" if r.verdict == "pass" else "❌"
+        rows.append(
+            [
+                f"`{escape(r.speed_id)}`",
+                _seconds(r.median_s),
+                f"{_seconds(r.p25_s)} to {_seconds(r.p75_s)}",
+                _gbps(r.gbps),
+                fraction,
+                ratio,
+                mark,
+            ]
+        )
+    failed = [r for r in record.speed if r.verdict == "fail"]
+    body = "\n".join(lines) + "\n\n" + _table(header, rows)
+    if failed:
+        reasons = "\n".join(f"- `{escape(r.speed_id)}`: {escape(r.message)}" for r in failed)
+        body += f"\n\nWhy each failed timing fails:\n\n{reasons}"
+    return body
+
+
+def _gbps(value: Any) -> str:
+    return "—" if not isinstance(value, int | float) or value != value else f"{value:.1f}"
+
+
+def _seconds(value: float) -> str:
+    if value != value:
+        return "—"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value / 1e-9:.3g} ns"
 
 
 def _facts(record: RunRecord) -> str:

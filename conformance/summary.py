@@ -140,3 +140,30 @@ def _column_chunks(dtypes: Sequence[str], norm_width: int) -> list[list[str]]:
         chunks[-1].append(dtype)
         used += width
     return chunks
+
+
+def speed_table(record: RunRecord) -> str:
+    """The speed results as a plain-text table, and the speed verdict."""
+    ceiling = record.ceiling or {}
+    lines = [
+        "",
+        printable(
+            f"speed on {ceiling.get('name', '?')}: ceiling {ceiling.get('gbps', float('nan')):.1f}"
+            f" GB/s ({ceiling.get('method', 'not measured')})",
+            200,
+        ),
+    ]
+    header = ["speed case", "GB/s", "of ceiling", "vs baseline", "verdict"]
+    rows = []
+    for r in record.speed:
+        fraction = "-" if r.fraction_of_ceiling is None else f"{r.fraction_of_ceiling:.0%}"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        rows.append([printable(r.speed_id, 60), f"{r.gbps:.1f}", fraction, ratio, r.verdict])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    failed = sum(r.verdict == "fail" for r in record.speed)
+    lines.append("")
+    lines.append(f"{len(record.speed)} speed results: {failed} failed")
+    lines.append(f"speed verdict: {(record.speed_verdict or 'not measured').upper()}")
+    return "\n".join(lines)

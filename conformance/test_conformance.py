@@ -66,3 +66,36 @@ def test_layer_norms_on_drawn_rows(conformance_target: Any, data: Any) -> None:
 
 def _hypothesis_reproduce(case: Case) -> str:
     return "rerun this test: hypothesis replays the falsifying example printed with it"
+
+
+@pytest.mark.speed
+def test_speed(
+    conformance_target: Any, conformance_speed: Any, conformance_speed_case: Any
+) -> None:
+    """One timing of the speed battery: the adapter's bandwidth against the ceiling and the
+    baseline, its outputs checked again after timing, and no pass where accuracy failed."""
+    __tracebackhide__ = True
+    from conformance.engine import select_cases
+    from conformance.speed import run_speed
+
+    target, shared, sc = conformance_target, conformance_speed, conformance_speed_case
+    key = (sc.norm, sc.dtype)
+    if key not in shared["accuracy"]:
+        cases = select_cases(norms=[sc.norm], dtypes=[sc.dtype], quick=True)
+        shared["accuracy"][key] = any(
+            r.verdict == "fail" for case in cases for r in run_case(target, case)
+        )
+    failed = {key} if shared["accuracy"][key] else set()
+    (result,) = run_speed(
+        target.adapter,
+        shared["baseline"],
+        [sc],
+        device=target.device,
+        conventions=target.conventions,
+        thresholds=shared["thresholds"],
+        failed_accuracy=failed,
+        reproduce=lambda _sc: "",
+        ceiling=shared["ceiling"],
+    )
+    if result.verdict == "fail":
+        pytest.fail(f"{sc.speed_id}: {result.message}", pytrace=False)
