@@ -377,10 +377,11 @@ def test_junit_survives_a_hostile_adapter() -> None:
 # --- all reports, terminal summary -------------------------------------------------------------
 
 
-def test_write_reports_writes_all_three(tmp_path: Path) -> None:
+def test_write_reports_writes_all_four(tmp_path: Path) -> None:
     record = mixed_record()
     paths = write_reports(record, tmp_path / "a" / "b")
-    assert sorted(p.name for p in paths.values()) == ["junit.xml", "report.json", "report.md"]
+    names = sorted(p.name for p in paths.values())
+    assert names == ["junit.xml", "report.html", "report.json", "report.md"]
     assert dumps(read_json(paths["json"])) == dumps(record)
     assert paths["markdown"].read_text(encoding="utf-8") == render_markdown(record)
     _parse(paths["junit"].read_text(encoding="utf-8"))
