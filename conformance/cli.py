@@ -1,7 +1,11 @@
 """``normconf``: certify an implementation of the norms against the exact references.
 
-Exit status: 0 every check passed; 1 at least one check failed; 2 the adapter could not be
-loaded or run on this hardware, or the arguments are wrong (one line on stderr, no traceback).
+``normconf certify`` runs the accuracy battery (and with ``--speed`` the speed battery);
+``normconf report merge DIR... --out DIR`` joins reports of several adapters and machines.
+
+Exit status: 0 every check passed; 1 at least one check (accuracy or speed) failed; 2 the
+adapter could not be loaded or run on this hardware, a report could not be read, or the
+arguments are wrong (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from conformance.cases import DTYPES, Case
 from conformance.distributions import DISTRIBUTIONS
-from conformance.results import CheckResult
+from conformance.results import CheckResult, RunRecord, SpeedResult
 from conformance.specs import NORM_NAMES
+from conformance.summary import printable, speed_table
+
+if TYPE_CHECKING:
+    from impls.adapter import Adapter
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -88,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-dir",
         type=Path,
         metavar="DIR",
-        help="where to write report.json, report.md and junit.xml "
+        help="where to write report.json, report.md, report.html and junit.xml "
         "(default: reports/ADAPTER-DEVICE-TIME)",
     )
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -97,7 +105,59 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 when checks fail (the report says so); errors still exit 2",
     )
+    c.add_argument(
+        "--speed",
+        action="store_true",
+        help="also time every norm against the copy bandwidth and the baseline adapter",
+    )
+    c.add_argument(
+        "--baseline",
+        default="torch",
+        metavar="SPEC",
+        help="adapter timed beside the certified one with --speed (default torch; 'none': no "
+        "baseline)",
+    )
+    c.add_argument(
+        "--min-fraction",
+        type=_fraction,
+        metavar="F",
+        help="least fraction of the copy bandwidth, both directions (default: speed.toml)",
+    )
+    c.add_argument(
+        "--min-ratio",
+        type=_positive,
+        metavar="R",
+        help="least speed relative to the baseline (default: speed.toml)",
+    )
+    c.add_argument(
+        "--speed-config",
+        type=Path,
+        metavar="FILE",
+        help="speed thresholds file replacing conformance/speed.toml",
+    )
+    r = commands.add_parser("report", help="work with report directories")
+    actions = r.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    m = actions.add_parser("merge", help="join reports of several runs into one matrix")
+    m.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="report directories")
+    m.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write")
     return parser
+
+
+def _fraction(text: str) -> float:
+    value = _positive(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
 
 
 class ProgressBar:
@@ -174,13 +234,85 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         command=shlex.join(["normconf", *argv]),
         progress=bar,
     )
+    if args.speed:
+        _speed(args, record, adapter, device, conventions)
     directory = args.report_dir or default_report_dir(adapter.name, device)
     paths = write_reports(record, directory)
     print(summary_table(record))
+    if record.speed:
+        print(speed_table(record))
     print(f"reports: {', '.join(str(p) for p in paths.values())}")
     if args.exit_zero:
         return EXIT_PASS
-    return EXIT_FAIL if record.verdict == "fail" else EXIT_PASS
+    failed = record.verdict == "fail" or record.speed_verdict == "fail"
+    return EXIT_FAIL if failed else EXIT_PASS
+
+
+def _speed(
+    args: argparse.Namespace,
+    record: RunRecord,
+    adapter: Adapter,
+    device: str,
+    conventions: dict[str, dict[str, object]] | None,
+) -> None:
+    """The speed battery after the accuracy run; the baseline loads like the adapter."""
+    from conformance.engine import certify_speed
+    from conformance.speed import load_thresholds
+    from impls.loader import load_adapter
+
+    try:
+        thresholds = load_thresholds(
+            device, args.speed_config, min_fraction=args.min_fraction, min_ratio=args.min_ratio
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    baseline = None
+    if args.baseline.strip().lower() != "none":
+        baseline = adapter if args.baseline == adapter.spec else load_adapter(args.baseline)
+        if device not in baseline.devices:
+            raise UsageError(
+                f"baseline {baseline.name!r} does not run on {device}: pass --baseline none or "
+                "another adapter"
+            )
+    certify_speed(
+        record,
+        adapter,
+        device=device,
+        baseline=baseline,
+        thresholds=thresholds,
+        norms=args.norm,
+        dtypes=args.dtype,
+        quick=args.quick,
+        conventions=conventions,
+        progress=SpeedProgress(sys.stderr, enabled=not args.no_progress),
+    )
+
+
+class SpeedProgress:
+    """One line per timed configuration (the speed battery is short and slow)."""
+
+    def __init__(self, stream: TextIO, enabled: bool = True) -> None:
+        self.stream, self.enabled = stream, enabled
+
+    def __call__(self, done: int, total: int, result: SpeedResult) -> None:
+        if self.enabled:
+            self.stream.write(
+                f"speed {done}/{total} {result.speed_id}: {result.verdict} "
+                f"{printable(result.message, 100)}\n"
+            )
+            self.stream.flush()
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from conformance.merge import load_runs, write_merged
+
+    try:
+        runs = load_runs(args.dirs)
+        paths = write_merged(runs, args.out)
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    print(f"merged {len(runs)} runs: {', '.join(str(p) for p in paths.values())}")
+    return EXIT_PASS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "certify":
             return certify_command(args, argv)
+        if args.command == "report":
+            return report_command(args)
         raise UsageError(f"unknown command {args.command!r}")
     except (UsageError, AdapterError) as exc:
         print(f"normconf: error: {exc}", file=sys.stderr)
