@@ -71,6 +71,11 @@ def resolve_device(adapter: Adapter, requested: str) -> str:
     device = requested
     if requested == "auto":
         device = "cuda" if has_gpu and "cuda" in adapter.devices else "cpu"
+    if device not in adapter.devices and adapter.devices == ("cuda",) and not has_gpu:
+        raise AdapterError(
+            f"adapter {adapter.name!r} runs only on CUDA and torch sees no GPU here: run it on "
+            "a machine with a CUDA GPU and a CUDA build of torch"
+        )
     if device not in adapter.devices:
         raise AdapterError(
             f"adapter {adapter.name!r} does not run on {device}: it declares "

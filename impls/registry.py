@@ -32,6 +32,15 @@ BUILTINS: dict[str, Builtin] = {
     "onnxruntime": Builtin(
         "impls.onnxruntime", "one-node ONNX graphs run by onnxruntime's CPU execution provider"
     ),
+    "triton": Builtin(
+        "impls.triton",
+        "normconf's Triton kernels (LayerNorm, RMSNorm, add-norms, DeepNorm, GroupNorm); "
+        "interpreted on the CPU",
+    ),
+    "triton-gemma": Builtin(
+        "impls.triton.gemma", "normconf's Triton RMSNorm with Gemma's (1 + weight) scale"
+    ),
+    "cuda": Builtin("impls.cuda", "normconf's CUDA C++ LayerNorm and RMSNorm (GPU only)"),
     "handwritten": Builtin(
         "impls.handwritten",
         "the seed document's LayerNorm: w * (x - mean) / (std + eps) + b, biased std, eps 1e-6",

@@ -108,10 +108,19 @@ def test_builtin_and_module_specs_load(spec: str, norms: tuple[str, ...]) -> Non
 
 
 def test_registry_names_every_builtin_subpackage() -> None:
-    assert set(BUILTINS) == {"torch", "torch-compile", "onnxruntime", "handwritten"}
+    assert set(BUILTINS) == {
+        "torch",
+        "torch-compile",
+        "onnxruntime",
+        "handwritten",
+        "triton",
+        "triton-gemma",
+        "cuda",
+    }
     for builtin in BUILTINS.values():
         assert builtin.module.startswith("impls.")
-        assert (ROOT / builtin.module.replace(".", "/") / "__init__.py").is_file()
+        path = ROOT / builtin.module.replace(".", "/")
+        assert (path / "__init__.py").is_file() or path.with_suffix(".py").is_file()
     assert list(impls.available())[: len(BUILTINS)] == list(BUILTINS)
 
 
@@ -365,7 +374,9 @@ def test_resolve_device(
     ("has_gpu", "devices", "requested", "fragment"),
     [
         (False, ("cpu", "cuda"), "cuda", "CUDA requested but torch sees no GPU"),
-        (False, ("cuda",), "auto", "does not run on cpu"),
+        (False, ("cuda",), "auto", "runs only on CUDA and torch sees no GPU here"),
+        (False, ("cuda",), "cpu", "runs only on CUDA and torch sees no GPU here"),
+        (True, ("cuda",), "cpu", "does not run on cpu: it declares cuda"),
         (True, ("cpu",), "cuda", "does not run on cuda: it declares cpu"),
         (True, ("cpu", "cuda"), "tpu", "unknown device 'tpu'"),
     ],
