@@ -304,9 +304,10 @@ def test_certify_with_speed_writes_the_speed_results_and_exits_1_on_a_missed_thr
     out = tmp_path / "report"
     argv = [sys.executable, "-m", "conformance", "certify", "--adapter", "torch"]
     argv += ["--device", "cpu", "--quick", "--norm", "layer_norm", "--dtype", "float32"]
-    argv += ["--speed", "--min-fraction", "1", "--no-progress", "--report-dir", str(out)]
+    argv += ["--speed", "--min-ratio", "2", "--no-progress", "--report-dir", str(out)]
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    # torch's float32 LayerNorm passes its accuracy checks; no norm reaches 100% of a copy
+    # torch's float32 LayerNorm passes its accuracy checks; as its own baseline its ratio is 1,
+    # never the 2 asked for
     assert run.returncode == 1, run.stdout + run.stderr
     assert "verdict: PASS" in run.stdout
     assert "speed verdict: FAIL" in run.stdout
@@ -322,7 +323,7 @@ def test_certify_with_speed_writes_the_speed_results_and_exits_1_on_a_missed_thr
     }
     for result in report["speed"]:
         assert result["reverified"], result
-        assert "below the 100% required" in result["message"], result
+        assert "1.00x the baseline torch (eager)'s time (at most 0.50x" in result["message"]
         assert result["ratio"] == 1.0  # torch is its own baseline
     assert "## Speed" in (out / "report.md").read_text()
 
