@@ -30,7 +30,7 @@ bandwidth measured in the same run (:func:`conformance.timing.measure_ceiling`).
 
 **Verdicts** (one per norm, dtype, shape and direction; separate from accuracy): fail when the
 outputs of the timed calls, checked again after timing against a float64 evaluation
-(:mod:`conformance.oracle64`) under the tolerance model, are wrong (a kernel fast because it
+(:mod:`conformance.reverify`) under the tolerance model, are wrong (a kernel fast because it
 skips work); when any accuracy check of that norm and dtype failed in the run (a kernel that
 fails accuracy never gets a speed pass); when the fraction of the ceiling is below the
 threshold (rows narrower than ``fraction_min_row`` are exempt: launch-bound, they are judged
@@ -50,12 +50,10 @@ from typing import Any
 
 import numpy as np
 
-from conformance import bounds, metrics
 from conformance.cases import Case, _with_norm_defaults
-from conformance.checks import gradient_bound
-from conformance.inputs import CaseInputs, round_into, to_numpy, torch_dtype
-from conformance.oracle64 import evaluate
+from conformance.inputs import torch_dtype
 from conformance.results import CheckResult, SpeedResult
+from conformance.reverify import DIFFERENTIABLE, reverify
 from conformance.specs import call_arguments, call_keywords, spec
 
 SPEED_DTYPES = ("float32", "float16", "bfloat16")
@@ -194,9 +192,6 @@ class InputSet:
     graph_outputs: list[Any] | None = None
 
 
-_DIFFERENTIABLE = ("input", "weight", "bias", "residual", "sublayer_output")
-
-
 def draw_sets(case: Case, device: str, count: int, seed: int) -> list[InputSet]:
     """``count`` sets of tensors for ``case``, each drawn independently from a normal
     distribution (no set is a shift or scaling of another; no tensor is zeros)."""
@@ -251,7 +246,7 @@ class Runner:
             leaves = {
                 k: v.detach().clone().requires_grad_(True)
                 for k, v in st.tensors.items()
-                if v is not None and k in _DIFFERENTIABLE
+                if v is not None and k in DIFFERENTIABLE
             }
             args = call_arguments(self.case.norm, {**st.tensors, **leaves}, self.case.parameters())
             if self.case.norm == "batch_norm":  # the running statistics: the set's own copies
@@ -279,85 +274,6 @@ class Runner:
         )
         st.outputs = dict(zip(st.leaves, grads, strict=True))
         return grads
-
-
-# -- re-verification -----------------------------------------------------------------------------
-
-
-def reverify(
-    case: Case,
-    st: InputSet,
-    direction: str,
-    convention: Mapping[str, Any],
-    reduction: str,
-) -> str | None:
-    """Check what the last timed call left in ``st`` against a float64 evaluation under the
-    tolerance model; None when every output is within its bound, else what is wrong."""
-    import torch
-
-    arrays = {k: None if v is None else to_numpy(v) for k, v in st.tensors.items()}
-    grads: dict[str, np.ndarray | None] = {k: to_numpy(v) for k, v in st.upstream.items()}
-    inputs = CaseInputs(case, arrays, case.parameters(), grads)
-    wide = {
-        k: None
-        if v is None
-        else v.detach().double().requires_grad_(direction == "backward" and k in _DIFFERENTIABLE)
-        for k, v in st.tensors.items()
-    }
-    with torch.enable_grad():
-        oracle = evaluate(case, wide, convention)
-    expected = {k: round_into(to_numpy(v), case.dtype) for k, v in oracle.items()}
-    model = bounds.case_model(inputs, convention, expected, accumulation=None, reduction=reduction)
-    if direction == "forward":
-        out = st.outputs
-        produced = (
-            dict(zip(("output", "residual_out"), out, strict=False))
-            if isinstance(out, tuple | list)
-            else {"output": out}
-        )
-        checks = {
-            "output": (produced.get("output"), bounds.forward(model, expected["output"])),
-        }
-        if "residual_out" in expected:
-            checks["residual_out"] = (produced.get("residual_out"), bounds.residual(model, inputs))
-        return _verdict(checks, expected, case.dtype)
-    outputs = [oracle["output"]]
-    upstream = [st.upstream["grad_output"].double()]
-    if "residual_out" in oracle:
-        outputs.append(oracle["residual_out"])
-        upstream.append(st.upstream["grad_residual_out"].double())
-    leaves = {k: v for k, v in wide.items() if v is not None and v.requires_grad}
-    exact = torch.autograd.grad(outputs, list(leaves.values()), upstream)
-    g_out = np.asarray(grads["grad_output"], dtype=np.float64)
-    checks, references = {}, {}
-    for leaf, value in zip(leaves, exact, strict=True):
-        name = f"grad_{leaf}"
-        references[name] = round_into(to_numpy(value), case.dtype)
-        bound = gradient_bound(model, name, g_out, inputs, references[name])
-        got = (st.outputs or {}).get(leaf)
-        checks[name] = (got, bound)
-    return _verdict(checks, references | expected, case.dtype)
-
-
-def _verdict(
-    checks: Mapping[str, tuple[Any, np.ndarray]], references: Mapping[str, np.ndarray], dtype: str
-) -> str | None:
-    problems = []
-    for name, (tensor, bound) in checks.items():
-        if tensor is None:
-            problems.append(f"{name}: not returned")
-            continue
-        actual = to_numpy(tensor)
-        if actual.shape != references[name].shape:
-            problems.append(f"{name}: shape {actual.shape}, expected {references[name].shape}")
-            continue
-        m = metrics.compare(actual, references[name], bound, dtype)
-        if m.mismatched:
-            problems.append(
-                f"{name}: {m.mismatched} of {m.n} elements outside the tolerance "
-                f"(worst {m.max_ratio:.3g}x the bound at {m.worst_index})"
-            )
-    return "; ".join(problems) or None
 
 
 # -- the battery ---------------------------------------------------------------------------------
@@ -434,17 +350,12 @@ def time_case(
 def result_of(
     sc: SpeedCase, device: str, timing: Any, ceiling: Mapping[str, Any] | None, reproduce: str
 ) -> SpeedResult:
+    """The figures of one timing, not yet judged."""
     moved = bytes_moved(sc.case(), sc.direction)
     gbps = moved / timing.median / 1e9
     fraction = gbps / ceiling["gbps"] if ceiling and ceiling.get("gbps") else None
-    return SpeedResult(
-        speed_id=sc.speed_id,
-        norm=sc.norm,
-        dtype=sc.dtype,
-        direction=sc.direction,
-        shape=sc.shape,
-        device=device,
-        bytes=moved,
+    return replace(
+        _blank(sc, device, reproduce),
         method=timing.method,
         rounds=timing.rounds,
         median_s=timing.median,
@@ -453,6 +364,28 @@ def result_of(
         min_s=timing.minimum,
         gbps=gbps,
         fraction_of_ceiling=fraction,
+    )
+
+
+def _blank(sc: SpeedCase, device: str, reproduce: str) -> SpeedResult:
+    """A result with no figures (NaN times), verdict ``skip``."""
+    nan = math.nan
+    return SpeedResult(
+        speed_id=sc.speed_id,
+        norm=sc.norm,
+        dtype=sc.dtype,
+        direction=sc.direction,
+        shape=sc.shape,
+        device=device,
+        bytes=bytes_moved(sc.case(), sc.direction),
+        method="",
+        rounds=0,
+        median_s=nan,
+        p25_s=nan,
+        p75_s=nan,
+        min_s=nan,
+        gbps=nan,
+        fraction_of_ceiling=None,
         verdict="skip",
         reproduce=reproduce,
     )
@@ -550,26 +483,8 @@ def _with_baseline(
 def _failed(
     sc: SpeedCase, device: str, why: str, reproduce: Callable[[SpeedCase], str]
 ) -> SpeedResult:
-    nan = math.nan
-    return SpeedResult(
-        speed_id=sc.speed_id,
-        norm=sc.norm,
-        dtype=sc.dtype,
-        direction=sc.direction,
-        shape=sc.shape,
-        device=device,
-        bytes=bytes_moved(sc.case(), sc.direction),
-        method="",
-        rounds=0,
-        median_s=nan,
-        p25_s=nan,
-        p75_s=nan,
-        min_s=nan,
-        gbps=nan,
-        fraction_of_ceiling=None,
-        verdict="fail",
-        message=f"the timed call raised {why}",
-        reproduce=reproduce(sc),
+    return replace(
+        _blank(sc, device, reproduce(sc)), verdict="fail", message=f"the timed call raised {why}"
     )
 
 
