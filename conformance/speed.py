@@ -4,7 +4,7 @@
 bfloat16 it declares, on a few shapes per device (:data:`TRAILING_SHAPES`,
 :data:`CHANNEL_SHAPES`; ``--quick`` takes the first two), the forward pass (no autograd) and,
 where the adapter has one, the backward pass (``torch.autograd.grad`` of every differentiable
-input, the graph retained between calls). Calls are timed by :mod:`conformance.timing` with
+input, through a graph an untimed forward builds afresh before each call). Calls are timed by :mod:`conformance.timing` with
 independently drawn input sets rotated so that they outgrow the cache. float64 is not timed.
 
 **The bytes model** (:func:`bytes_moved`) counts the compulsory traffic of a pass: every tensor
@@ -224,8 +224,10 @@ def draw_sets(case: Case, device: str, count: int, seed: int) -> list[InputSet]:
 
 
 class Runner:
-    """The calls of one adapter on one case's input sets: forward, or backward through a
-    graph built once per set."""
+    """The calls of one adapter on one case's input sets: forward (no autograd), or backward
+    through a graph that an untimed forward builds afresh before each timed backward (so no
+    backward ever runs twice through one graph: compiled backward passes may donate their
+    buffers)."""
 
     def __init__(self, fn: Callable[..., Any], case: Case, sets: list[InputSet]) -> None:
         self.fn, self.case, self.sets = fn, case, sets
@@ -240,25 +242,21 @@ class Runner:
         self.sets[i].outputs = out
         return out
 
-    def prepare_backward(self) -> None:
-        """Per set: leaves that require grad, one forward through autograd, kept."""
-        for i, st in enumerate(self.sets):
-            leaves = {
-                k: v.detach().clone().requires_grad_(True)
-                for k, v in st.tensors.items()
-                if v is not None and k in DIFFERENTIABLE
-            }
-            args = call_arguments(self.case.norm, {**st.tensors, **leaves}, self.case.parameters())
-            if self.case.norm == "batch_norm":  # the running statistics: the set's own copies
-                args[1], args[2] = (
-                    st.tensors["running_mean"].clone(),
-                    st.tensors["running_var"].clone(),
-                )
-            out = self.fn(*args, **self.keywords)
-            st.leaves = leaves
-            st.graph_outputs = list(out) if isinstance(out, tuple | list) else [out]
-            st.outputs = None
-            self.args[i] = args
+    def graph(self, i: int) -> None:
+        """Set ``i``'s leaves (requiring grad) and one forward through autograd, kept for the
+        next :meth:`backward` of the set (untimed)."""
+        st = self.sets[i]
+        leaves = {
+            k: v.detach().clone().requires_grad_(True)
+            for k, v in st.tensors.items()
+            if v is not None and k in DIFFERENTIABLE
+        }
+        args = call_arguments(self.case.norm, {**st.tensors, **leaves}, self.case.parameters())
+        if self.case.norm == "batch_norm":  # the running statistics: the set's own copies
+            args[1], args[2] = st.tensors["running_mean"].clone(), st.tensors["running_var"].clone()
+        out = self.fn(*args, **self.keywords)
+        st.leaves = leaves
+        st.graph_outputs = list(out) if isinstance(out, tuple | list) else [out]
 
     def backward(self, i: int) -> Any:
         import torch
@@ -269,10 +267,9 @@ class Runner:
         upstream = [st.upstream["grad_output"]]
         if len(st.graph_outputs) > 1:
             upstream.append(st.upstream["grad_residual_out"])
-        grads = torch.autograd.grad(
-            st.graph_outputs, list(st.leaves.values()), upstream, retain_graph=True
-        )
+        grads = torch.autograd.grad(st.graph_outputs, list(st.leaves.values()), upstream)
         st.outputs = dict(zip(st.leaves, grads, strict=True))
+        st.graph_outputs = None  # the graph is spent
         return grads
 
 
@@ -329,17 +326,16 @@ def time_case(
 
     case = sc.case()
     runner = Runner(adapter.functions[sc.norm], case, sets)
-    calls = [0]
-    if sc.direction == "backward":
-        runner.prepare_backward()
+    calls, last = [0], [0]
+    backward = sc.direction == "backward"
 
     def call(i: int) -> Any:
         calls[0] += 1
         last[0] = i
-        return runner.backward(i) if sc.direction == "backward" else runner.forward(i)
+        return runner.backward(i) if backward else runner.forward(i)
 
-    last = [0]
-    timing = time_calls(call, len(sets), device, budget)
+    prepare = runner.graph if backward else None
+    timing = time_calls(call, len(sets), device, budget, prepare=prepare)
     if device == "cuda":
         import torch
 

@@ -14,6 +14,8 @@ Every timing goes through :func:`time_calls`, the same way every time:
   overwritten) before each; a call shorter than :attr:`Budget.graph_below_s` (launch overhead
   would dominate) is captured, once per input set, into a CUDA graph whose replays are timed
   with events around each whole replay, divided by the number of calls in it.
+* A ``prepare(i)`` callback runs before each call, untimed: the forward pass that builds the
+  graph a timed backward pass consumes (each backward gets a fresh graph).
 * The figures are per call: the median, the quartiles (spread) and the minimum.
 
 :func:`measure_ceiling` times a large copy on the same device — device to device on a GPU
@@ -134,23 +136,39 @@ def sets_needed(bytes_per_set: int, device: str, *, limit: int = 16) -> int:
     return max(2, min(limit, need))
 
 
+Prepare = Callable[[int], Any] | None
+
+
 def time_calls(
-    call: Callable[[int], Any], sets: int, device: str, budget: Budget | None = None
+    call: Callable[[int], Any],
+    sets: int,
+    device: str,
+    budget: Budget | None = None,
+    *,
+    prepare: Prepare = None,
 ) -> Timing:
-    """Time ``call(i)``, ``i`` cycling through ``range(sets)`` (see the module docstring)."""
+    """Time ``call(i)``, ``i`` cycling through ``range(sets)`` (see the module docstring).
+
+    ``prepare(i)``, when given, runs before each call, untimed (the forward pass that builds the
+    graph a timed backward pass consumes); such calls are never captured into a CUDA graph.
+    """
     budget = budget or Budget()
     if device == "cuda":
-        return _time_cuda(call, sets, budget)
-    return _time_cpu(call, sets, budget)
+        return _time_cuda(call, sets, budget, prepare)
+    return _time_cpu(call, sets, budget, prepare)
 
 
-def _time_cpu(call: Callable[[int], Any], sets: int, budget: Budget) -> Timing:
+def _time_cpu(call: Callable[[int], Any], sets: int, budget: Budget, prepare: Prepare) -> Timing:
     for i in range(budget.warmup):
+        if prepare is not None:
+            prepare(i % sets)
         call(i % sets)
     samples: list[float] = []
     started = time.perf_counter()
     i = 0
     while len(samples) < budget.max_rounds:
+        if prepare is not None:
+            prepare(i % sets)
         t0 = time.perf_counter()
         call(i % sets)
         samples.append(time.perf_counter() - t0)
@@ -160,20 +178,24 @@ def _time_cpu(call: Callable[[int], Any], sets: int, budget: Budget) -> Timing:
     return Timing(tuple(samples), "cpu-perf-counter")
 
 
-def _time_cuda(call: Callable[[int], Any], sets: int, budget: Budget) -> Timing:
+def _time_cuda(call: Callable[[int], Any], sets: int, budget: Budget, prepare: Prepare) -> Timing:
     import torch
 
     flush = torch.empty(2 * cache_bytes("cuda"), dtype=torch.uint8, device="cuda")
     for i in range(budget.warmup):
+        if prepare is not None:
+            prepare(i % sets)
         call(i % sets)
     torch.cuda.synchronize()
-    probe = _events_per_call(call, sets, flush, rounds=min(sets, 5))
-    if statistics.median(probe) < budget.graph_below_s:
+    probe = _events_per_call(call, sets, flush, prepare, rounds=min(sets, 5))
+    if prepare is None and statistics.median(probe) < budget.graph_below_s:
         return _time_graph(call, sets, budget)
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < budget.max_rounds:
-        samples += _events_per_call(call, sets, flush, rounds=min(sets, 10), first=len(samples))
+        samples += _events_per_call(
+            call, sets, flush, prepare, rounds=min(sets, 10), first=len(samples)
+        )
         enough = len(samples) >= budget.min_rounds
         if enough and time.perf_counter() - started >= budget.seconds:
             break
@@ -181,13 +203,22 @@ def _time_cuda(call: Callable[[int], Any], sets: int, budget: Budget) -> Timing:
 
 
 def _events_per_call(
-    call: Callable[[int], Any], sets: int, flush: Any, *, rounds: int, first: int = 0
+    call: Callable[[int], Any],
+    sets: int,
+    flush: Any,
+    prepare: Prepare,
+    *,
+    rounds: int,
+    first: int = 0,
 ) -> list[float]:
-    """Seconds of ``rounds`` calls, each between two events, the L2 flushed before each."""
+    """Seconds of ``rounds`` calls, each between two events, the L2 flushed before each (after
+    the untimed ``prepare``)."""
     import torch
 
     pairs = []
     for k in range(rounds):
+        if prepare is not None:
+            prepare((first + k) % sets)
         flush.fill_(k & 0xFF)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

@@ -79,6 +79,23 @@ def test_time_calls_rotates_through_every_set_and_times_each_call() -> None:
     assert result.p25 <= result.median <= result.p75
 
 
+def test_prepare_runs_untimed_before_every_call() -> None:
+    events: list[str] = []
+
+    def prepare(i: int) -> None:
+        events.append(f"prepare {i}")
+        time.sleep(0.02)  # far longer than the call: must not show in the timing
+
+    def call(i: int) -> None:
+        events.append(f"call {i}")
+
+    budget = timing.Budget(warmup=1, min_rounds=4, max_rounds=4, seconds=0.0)
+    result = timing.time_calls(call, 2, "cpu", budget, prepare=prepare)
+    expected = [f"{what} {i}" for i in (0, 0, 1, 0, 1) for what in ("prepare", "call")]
+    assert events == expected
+    assert result.median < 0.02
+
+
 def test_sets_needed_outgrow_the_cache() -> None:
     cache = timing.cache_bytes("cpu")
     per_set = 1 << 20
