@@ -4,8 +4,9 @@
 bfloat16 it declares, on a few shapes per device (:data:`TRAILING_SHAPES`,
 :data:`CHANNEL_SHAPES`; ``--quick`` takes the first two), the forward pass (no autograd) and,
 where the adapter has one, the backward pass (``torch.autograd.grad`` of every differentiable
-input, through a graph an untimed forward builds afresh before each call). Calls are timed by :mod:`conformance.timing` with
-independently drawn input sets rotated so that they outgrow the cache. float64 is not timed.
+input, through a graph an untimed forward builds afresh before each call). Calls are timed by
+:mod:`conformance.timing` with independently drawn input sets rotated so that they outgrow the
+cache. float64 is not timed.
 
 **The bytes model** (:func:`bytes_moved`) counts the compulsory traffic of a pass: every tensor
 the pass must read or write, once. With ``E`` elements of the input, ``P`` affine parameters
@@ -50,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from conformance.cases import Case, _with_norm_defaults
+from conformance.cases import Case, _with_norm_defaults, case_seed
+from conformance.checks import first_line
 from conformance.inputs import torch_dtype
 from conformance.results import CheckResult, SpeedResult
 from conformance.reverify import DIFFERENTIABLE, reverify
@@ -320,17 +322,16 @@ def time_case(
     device: str,
     sets: list[InputSet],
     budget: Any = None,
-) -> tuple[Any, InputSet, int]:
-    """Time one adapter on one speed case: (timing, the set of the last call, calls made)."""
+) -> tuple[Any, InputSet]:
+    """Time one adapter on one speed case: the timing, and the input set of the last call."""
     from conformance.timing import time_calls
 
     case = sc.case()
     runner = Runner(adapter.functions[sc.norm], case, sets)
-    calls, last = [0], [0]
+    last = [0]
     backward = sc.direction == "backward"
 
     def call(i: int) -> Any:
-        calls[0] += 1
         last[0] = i
         return runner.backward(i) if backward else runner.forward(i)
 
@@ -340,7 +341,7 @@ def time_case(
         import torch
 
         torch.cuda.synchronize()
-    return timing, sets[last[0]], calls[0]
+    return timing, sets[last[0]]
 
 
 def result_of(
@@ -415,13 +416,13 @@ def run_speed(
         case = sc.case()
         convention = spec(sc.norm).convention(conventions.get(sc.norm, {}))
         count = sets_needed(bytes_moved(case, sc.direction), device)
-        seed = int.from_bytes(sc.speed_id.encode()[:4], "little")
+        seed = case_seed(0, sc.speed_id)
         try:
             sets = draw_sets(case, device, count, seed)
-            timing, last, _ = time_case(adapter, sc, device, sets, budget)
+            timing, last = time_case(adapter, sc, device, sets, budget)
             problem = reverify(case, last, sc.direction, convention, adapter.reduction)
         except Exception as exc:  # the adapter's failure is a finding; the battery goes on
-            result = _failed(sc, device, f"{type(exc).__name__}: {_first_line(exc)}", reproduce)
+            result = _failed(sc, device, f"{type(exc).__name__}: {first_line(exc)}", reproduce)
             results.append(result)
             if progress is not None:
                 progress(done, len(speed_battery), result)
@@ -465,7 +466,7 @@ def _with_baseline(
         return result
     try:
         sets = draw_sets(case, device, count, seed)  # the same draws as the adapter's
-        timing, _, _ = time_case(baseline, sc, device, sets, budget)
+        timing, _ = time_case(baseline, sc, device, sets, budget)
     except Exception:  # a baseline that cannot run this case gives no ratio
         return result
     return replace(
@@ -482,8 +483,3 @@ def _failed(
     return replace(
         _blank(sc, device, reproduce(sc)), verdict="fail", message=f"the timed call raised {why}"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
