@@ -105,7 +105,8 @@ def png(figure: Figure) -> bytes:
     """``figure`` as PNG bytes (rendered by Agg, without pyplot)."""
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    # "tight": a legend wider than the axes (many series) is kept whole, not cut at the edge.
+    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None}, bbox_inches="tight")
     return buffer.getvalue()
 
 
