@@ -1,6 +1,8 @@
 """``normconf``: certify an implementation of the norms against the exact references.
 
-``normconf certify`` runs the accuracy battery (and with ``--speed`` the speed battery);
+``normconf certify`` runs the accuracy battery (and with ``--speed`` the speed battery),
+streaming every result to ``DIR/results.jsonl`` as it finishes (``--resume DIR`` goes on with an
+interrupted run); ``normconf report DIR`` rebuilds a run's reports from that file, and
 ``normconf report merge DIR... --out DIR`` joins reports of several adapters and machines.
 
 Exit status: 0 every check passed; 1 at least one check (accuracy or speed) failed; 2 the
@@ -27,6 +29,7 @@ from conformance.specs import NORM_NAMES
 from conformance.summary import printable, speed_table
 
 if TYPE_CHECKING:
+    from conformance.stream import StreamWriter
     from impls.adapter import Adapter
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
@@ -135,11 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="speed thresholds file replacing conformance/speed.toml",
     )
-    r = commands.add_parser("report", help="work with report directories")
-    actions = r.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    m = actions.add_parser("merge", help="join reports of several runs into one matrix")
-    m.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="report directories")
-    m.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write")
+    c.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="go on with the interrupted run in DIR: its finished cases are kept, not rerun",
+    )
+    r = commands.add_parser(
+        "report",
+        help="rebuild a run's reports from DIR/results.jsonl (normconf report DIR), or join "
+        "several runs (normconf report merge DIR... --out DIR)",
+    )
+    r.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="report directories")
+    r.add_argument("--out", type=Path, metavar="DIR", help="where merge writes")
     return parser
 
 
@@ -203,6 +214,7 @@ def default_report_dir(adapter_name: str, device: str) -> Path:
 def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from conformance.engine import certify, select_cases
     from conformance.reports import write_reports
+    from conformance.stream import StreamWriter, read_stream
     from conformance.summary import summary_table
     from impls.loader import load_adapter, resolve_device
 
@@ -222,21 +234,52 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cases = [c for c in cases if c.norm in adapter.norms()]
     if not cases:
         raise UsageError(f"no cases to run: {adapter.name} implements {', '.join(adapter.norms())}")
+    earlier = None
+    if args.resume is not None:
+        try:
+            earlier = read_stream(args.resume)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        _check_resumable(earlier.run, adapter.spec, args)
+        cases = [c for c in cases if c.case_id not in earlier.cases]
+    directory = args.resume or args.report_dir or default_report_dir(adapter.name, device)
     conventions: dict[str, dict[str, object]] | None = {} if args.convention == "pytorch" else None
     bar = ProgressBar(sys.stderr, enabled=not args.no_progress)
-    record = certify(
-        adapter,
-        cases,
-        device=device,
-        conventions=conventions,
-        seed=args.seed,
-        quick=args.quick,
-        command=shlex.join(["normconf", *argv]),
-        progress=bar,
-    )
-    if args.speed:
-        _speed(args, record, adapter, device, conventions)
-    directory = args.report_dir or default_report_dir(adapter.name, device)
+    stream: StreamWriter | None = None
+
+    def progress(done: int, total: int, case: Case, results: list[CheckResult]) -> None:
+        assert stream is not None
+        stream.case(case.case_id, results)
+        bar(done, total, case, results)
+
+    def started(record: RunRecord) -> None:
+        nonlocal stream
+        if earlier is not None:  # the run goes on under its first facts
+            for name in ("hardware", "software", "started", "command"):
+                setattr(record, name, earlier.run[name])
+        stream = StreamWriter(directory, record, resume=earlier is not None)
+
+    try:
+        record = certify(
+            adapter,
+            cases,
+            device=device,
+            conventions=conventions,
+            seed=args.seed,
+            quick=args.quick,
+            command=shlex.join(["normconf", *argv]),
+            progress=progress,
+            started=started,
+        )
+        assert stream is not None
+        if earlier is not None:
+            record.checks = earlier.record().checks + record.checks
+        if args.speed:
+            _speed(args, record, adapter, device, conventions, stream)
+        stream.end(record.finished)
+    finally:
+        if stream is not None:
+            stream.close()
     paths = write_reports(record, directory)
     print(summary_table(record))
     if record.speed:
@@ -248,12 +291,26 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return EXIT_FAIL if failed else EXIT_PASS
 
 
+def _check_resumable(run: dict[str, object], spec: str, args: argparse.Namespace) -> None:
+    """A run resumes only with the adapter, seed and battery it started with."""
+    adapter = run.get("adapter")
+    started_with = adapter.get("spec") if isinstance(adapter, dict) else None
+    if started_with != spec:
+        raise UsageError(f"{args.resume} holds a run of adapter {started_with!r}, not {spec!r}")
+    if run.get("seed") != args.seed or run.get("quick") != args.quick:
+        raise UsageError(
+            f"{args.resume} holds a run with seed {run.get('seed')} and "
+            f"{'the quick' if run.get('quick') else 'the full'} battery: resume with the same"
+        )
+
+
 def _speed(
     args: argparse.Namespace,
     record: RunRecord,
     adapter: Adapter,
     device: str,
     conventions: dict[str, dict[str, object]] | None,
+    stream: StreamWriter,
 ) -> None:
     """The speed battery after the accuracy run; the baseline loads like the adapter."""
     from conformance.engine import certify_speed
@@ -284,17 +341,30 @@ def _speed(
         dtypes=args.dtype,
         quick=args.quick,
         conventions=conventions,
-        progress=SpeedProgress(sys.stderr, enabled=not args.no_progress),
+        progress=SpeedProgress(
+            sys.stderr, enabled=not args.no_progress, stream=stream, record=record
+        ),
     )
 
 
 class SpeedProgress:
-    """One line per timed configuration (the speed battery is short and slow)."""
+    """One line per timed configuration (the speed battery is short and slow), and each result
+    streamed to the report directory."""
 
-    def __init__(self, stream: TextIO, enabled: bool = True) -> None:
-        self.stream, self.enabled = stream, enabled
+    def __init__(
+        self,
+        out: TextIO,
+        enabled: bool = True,
+        stream: StreamWriter | None = None,
+        record: RunRecord | None = None,
+    ) -> None:
+        self.stream, self.enabled, self.results, self.record = out, enabled, stream, record
 
     def __call__(self, done: int, total: int, result: SpeedResult) -> None:
+        if self.results is not None:
+            if done == 1 and self.record is not None and self.record.ceiling is not None:
+                self.results.ceiling(self.record.ceiling)
+            self.results.speed(result)
         if self.enabled:
             self.stream.write(
                 f"speed {done}/{total} {result.speed_id}: {result.verdict} "
@@ -305,13 +375,28 @@ class SpeedProgress:
 
 def report_command(args: argparse.Namespace) -> int:
     from conformance.merge import load_runs, write_merged
+    from conformance.reports import write_reports
+    from conformance.stream import read_stream
 
+    first, *rest = args.dirs
     try:
-        runs = load_runs(args.dirs)
-        paths = write_merged(runs, args.out)
+        if str(first) == "merge":
+            if not rest or args.out is None:
+                raise UsageError("report merge needs at least one DIR and --out DIR")
+            runs = load_runs(rest)
+            paths = write_merged(runs, args.out)
+            print(f"merged {len(runs)} runs: {', '.join(str(p) for p in paths.values())}")
+            return EXIT_PASS
+        if rest or args.out is not None:
+            raise UsageError("normconf report DIR takes one directory (merge: report merge ...)")
+        stream = read_stream(first)
+        record = stream.record()
+        paths = write_reports(record, first)
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    print(f"merged {len(runs)} runs: {', '.join(str(p) for p in paths.values())}")
+    state = "complete" if stream.finished else "interrupted"
+    print(f"{state} run, {len(stream.cases)} cases, {len(record.checks)} checks")
+    print(f"reports: {', '.join(str(p) for p in paths.values())}")
     return EXIT_PASS
 
 

@@ -122,11 +122,13 @@ def certify(
     quick: bool = False,
     command: str | None = None,
     progress: Progress | None = None,
+    started: Callable[[RunRecord], None] | None = None,
 ) -> RunRecord:
     """Run every case through ``adapter`` (an :class:`impls.adapter.Adapter`).
 
     ``conventions`` overrides what the adapter declares (``{}`` certifies against PyTorch's
-    conventions whatever the adapter says).
+    conventions whatever the adapter says). ``started`` sees the record before the first case
+    (its facts filled in, no checks yet); ``progress`` sees each case's checks as it finishes.
     """
     cases = [c for c in cases if c.norm in adapter.norms()]
     declared = adapter.conventions if conventions is None else conventions
@@ -153,6 +155,8 @@ def certify(
         finished="",
         command=command or " ".join(shlex.quote(a) for a in sys.argv),
     )
+    if started is not None:
+        started(record)
     for done, case in enumerate(cases, 1):
         try:
             results = run_case(target, case)

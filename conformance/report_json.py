@@ -29,7 +29,7 @@ _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 def dumps(record: RunRecord) -> str:
     """The JSON text of ``record`` (strict JSON, two-space indent, trailing newline)."""
-    document = _encode(record.to_dict())
+    document = encode_nonfinite(record.to_dict())
     text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False, default=_scalar)
     return text + "\n"
 
@@ -43,7 +43,7 @@ def loads(text: str, source: str = "report") -> RunRecord:
     if not isinstance(data, dict):
         raise ValueError(f"{source}: a report is a JSON object, not {type(data).__name__}")
     try:
-        record = RunRecord.from_dict(_decode(data))
+        record = RunRecord.from_dict(decode_nonfinite(data))
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
     except (KeyError, TypeError, AttributeError) as exc:
@@ -88,13 +88,14 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return target
 
 
-def _encode(value: Any) -> Any:
+def encode_nonfinite(value: Any) -> Any:
+    """``value`` (a JSON-able document) with every non-finite float as its string."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {key: _encode(item) for key, item in value.items()}
+        return {key: encode_nonfinite(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_encode(item) for item in value]
+        return [encode_nonfinite(item) for item in value]
     return value
 
 
@@ -102,11 +103,13 @@ def _scalar(value: Any) -> Any:
     # NumPy scalars (an index or a count that slipped through as np.int64) become Python ones.
     item = getattr(value, "item", None)
     if callable(item):
-        return _encode(item())
+        return encode_nonfinite(item())
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _decode(data: dict[str, Any]) -> dict[str, Any]:
+def decode_nonfinite(data: dict[str, Any]) -> dict[str, Any]:
+    """A report document with the non-finite strings of its checks' metrics, durations and
+    speed results turned back into floats."""
     speed = data.get("speed")
     if isinstance(speed, list):
         data = {
