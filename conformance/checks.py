@@ -112,7 +112,10 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
         return rec.results
     inputs = build_inputs(case) if inputs is None else inputs
     want_backward = bool(adapter.backward.get(norm, False))
-    outcome = call_adapter(adapter.functions[norm], inputs, target.device, want_backward)
+    inplace = bool(getattr(adapter, "inplace", False))
+    outcome = call_adapter(
+        adapter.functions[norm], inputs, target.device, want_backward, inplace=inplace
+    )
     _contract(rec, inputs, outcome)
     if "output" not in outcome.values:
         return rec.results
@@ -165,8 +168,15 @@ def call_adapter(
     device: str,
     grad: bool,
     returns: tuple[str, ...] | None = None,
+    *,
+    inplace: bool = False,
 ) -> CallOutcome:
-    """Call ``fn`` on fresh tensors; record the outputs, the leaves and any contract problem."""
+    """Call ``fn`` on fresh tensors; record the outputs, the leaves and any contract problem.
+
+    ``inplace``: the adapter declares that its fused add-norms update ``residual`` in place
+    with the new residual (``normconf_inplace``); the call must then leave in ``residual``
+    exactly what it returns as ``residual_out``, and only that output may share its memory.
+    """
     import torch
 
     case, out = inputs.case, CallOutcome()
@@ -205,8 +215,30 @@ def call_adapter(
             continue
         out.tensors[name] = value
         out.values[name] = to_numpy(value)
-    _mutation_problems(out, before, case)
+    in_place = inplace and s.fused
+    _aliasing_problems(out, in_place)
+    _mutation_problems(out, before, case, in_place)
     return out
+
+
+def _shares_memory(a: Any, b: Any) -> bool:
+    """Whether two tensors are views of one storage."""
+    left, right = a.untyped_storage(), b.untyped_storage()
+    return bool(left.nbytes() and left.data_ptr() == right.data_ptr())
+
+
+def _aliasing_problems(out: CallOutcome, in_place: bool) -> None:
+    """An output that shares memory with an argument (only the declared in-place residual of
+    a fused add-norm may)."""
+    for name, tensor in out.tensors.items():
+        for leaf, argument in out.leaves.items():
+            if in_place and (name, leaf) == ("residual_out", "residual"):
+                continue
+            if _shares_memory(tensor, argument):
+                out.problems.append(
+                    f"{name} shares memory with its argument {leaf!r} (declare "
+                    "normconf_inplace only for a fused add-norm's residual)"
+                )
 
 
 def first_line(exc: BaseException) -> str:
@@ -229,12 +261,22 @@ def _tensor_problem(value: Any, case: Case, device: str) -> str | None:
     return None
 
 
-def _mutation_problems(out: CallOutcome, before: Mapping[str, Any], case: Case) -> None:
+def _mutation_problems(
+    out: CallOutcome, before: Mapping[str, Any], case: Case, in_place: bool = False
+) -> None:
     import torch
 
     for name, original in before.items():
         if name in ("running_mean", "running_var") and case.norm == "batch_norm" and case.training:
             continue  # updated in place by contract when training
+        if in_place and name == "residual":
+            returned = out.tensors.get("residual_out")
+            if returned is not None and not _bitwise_equal(out.leaves[name], returned):
+                out.problems.append(
+                    "declares normconf_inplace, but 'residual' does not hold the residual_out "
+                    "it returned"
+                )
+            continue
         now = out.leaves[name].detach()
         if not torch.equal(torch.nan_to_num(now), torch.nan_to_num(original)) or not torch.equal(
             now.isnan(), original.isnan()
@@ -445,7 +487,10 @@ def _determinism(
     convention excuses a forward pass that changes from run to run), a gradient difference is
     reported and passes (racy atomic reductions of dW are a declared trade-off).
     """
-    again = call_adapter(adapter.functions[rec.case.norm], inputs, device, backward)
+    inplace = bool(getattr(adapter, "inplace", False))
+    again = call_adapter(
+        adapter.functions[rec.case.norm], inputs, device, backward, inplace=inplace
+    )
     if again.problems or not first.tensors:
         why = "; ".join(again.problems) or "the first call returned no tensors"
         rec.add("determinism", "call", "fail", message=f"second call: {why}")

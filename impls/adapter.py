@@ -55,7 +55,10 @@ unnoticed):
     ``"tree"`` (default) or ``"sequential"``: how the kernel sums a reduction group, which sets
     the length term of the tolerance model (log2 n for a tree, n for a sequential sum).
 ``normconf_inplace``
-    bool, reserved; default False.
+    bool, default False: the fused add-norms (``fused_add_rms_norm``, ``fused_add_layer_norm``)
+    update ``residual`` in place with the new residual ``z`` and return that same tensor as
+    their second output, as serving kernels do. Without it, an output that shares memory with
+    an argument, and an argument changed by the call, fail the contract check.
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class Adapter:
     deterministic: bool
     reduction: str
     statistics: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    inplace: bool = False
 
     def norms(self) -> tuple[str, ...]:
         """The implemented norms, in :data:`NORMS` order."""
@@ -181,6 +185,7 @@ class Adapter:
             "backward": {norm: self.backward[norm] for norm in norms},
             "deterministic": self.deterministic,
             "reduction": self.reduction,
+            "inplace": self.inplace,
         }
 
 
@@ -189,7 +194,6 @@ def from_object(obj: object, spec: str, name: str | None = None) -> Adapter:
     display name. Raises :class:`AdapterError` naming the first attribute that is wrong."""
     _reject_unknown_metadata(obj, spec)
     functions = _functions(obj, spec)
-    _flag(obj, spec, "normconf_inplace", False)  # reserved: validated, not yet used
     norms = tuple(functions)
     return Adapter(
         name=name if name is not None else _text(obj, spec, "normconf_name", spec),
@@ -201,6 +205,7 @@ def from_object(obj: object, spec: str, name: str | None = None) -> Adapter:
         conventions=_conventions(obj, spec, norms),
         backward=_backward(obj, spec, norms),
         deterministic=_flag(obj, spec, "normconf_deterministic", True),
+        inplace=_flag(obj, spec, "normconf_inplace", False),
         reduction=_one_of(obj, spec, "normconf_reduction", REDUCTIONS, "tree"),
         statistics=_statistics(obj, spec, norms),
     )

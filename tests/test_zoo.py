@@ -327,3 +327,42 @@ def test_deterministic_builtins_pass_the_determinism_check() -> None:
     checks = _determinism(record)
     assert checks
     assert all(c.verdict == "pass" for c in checks), listing(checks)
+
+
+def test_an_output_written_over_its_input_fails_the_contract() -> None:
+    record = run(str(ZOO / "aliased_output.py"), ["rms_norm"], ["float32"], ["normal"])
+    contract = [c for c in record.checks if c.kind == "contract"]
+    assert contract
+    for check in contract:
+        assert check.verdict == "fail"
+        assert "output shares memory with its argument 'input'" in check.message
+        assert "changed its argument 'input' in place" in check.message
+
+
+def test_a_declared_in_place_residual_passes_and_undeclared_fails() -> None:
+    declared = run(str(ZOO / "inplace_residual.py"), ["fused_add_rms_norm"], ["float32"])
+    assert declared.verdict == "pass", listing(failures(declared))
+
+    import importlib.util
+
+    source = importlib.util.spec_from_file_location("inplace", ZOO / "inplace_residual.py")
+    assert source is not None
+    assert source.loader is not None
+    module = importlib.util.module_from_spec(source)
+    source.loader.exec_module(module)
+    undeclared = from_object(
+        SimpleNamespace(
+            fused_add_rms_norm=module.fused_add_rms_norm,
+            normconf_backward=False,
+            normconf_dtypes=("float32",),
+        ),
+        "in place, undeclared",
+    )
+    cases = select_cases(norms=["fused_add_rms_norm"], dtypes=["float32"], quick=True)
+    record = certify(undeclared, cases, device="cpu")
+    contract = [c for c in record.checks if c.kind == "contract"]
+    assert contract
+    for check in contract:
+        assert check.verdict == "fail"
+        assert "residual_out shares memory with its argument 'residual'" in check.message
+        assert "changed its argument 'residual' in place" in check.message
