@@ -2,7 +2,8 @@
 
 ``normconf certify`` runs the accuracy battery (and with ``--speed`` the speed battery),
 streaming every result to ``DIR/results.jsonl`` as it finishes (``--resume DIR`` goes on with an
-interrupted run); ``normconf report DIR`` rebuilds a run's reports from that file, and
+interrupted run) and the inputs of every failed case to ``DIR/inputs/``; ``normconf replay CASE_ID
+--dir DIR`` reruns one of them; ``normconf report DIR`` rebuilds a run's reports from that file, and
 ``normconf report merge DIR... --out DIR`` joins reports of several adapters and machines.
 
 Exit status: 0 every check passed; 1 at least one check (accuracy or speed) failed; 2 the
@@ -144,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="go on with the interrupted run in DIR: its finished cases are kept, not rerun",
     )
+    p = commands.add_parser(
+        "replay",
+        help="rerun one case of a run on the inputs saved in its report directory",
+    )
+    p.add_argument("case_id", metavar="CASE_ID", help="a failed case's id, from the report")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("."),
+        metavar="DIR",
+        help="the run's report directory (default: the current directory)",
+    )
+    p.add_argument("--adapter", metavar="SPEC", help="another adapter than the run's")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's")
     r = commands.add_parser(
         "report",
         help="rebuild a run's reports from DIR/results.jsonl (normconf report DIR), or join "
@@ -213,6 +228,8 @@ def default_report_dir(adapter_name: str, device: str) -> Path:
 
 def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from conformance.engine import certify, select_cases
+    from conformance.inputs import build_inputs
+    from conformance.replay import save_inputs
     from conformance.reports import write_reports
     from conformance.stream import StreamWriter, read_stream
     from conformance.summary import summary_table
@@ -249,6 +266,8 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     def progress(done: int, total: int, case: Case, results: list[CheckResult]) -> None:
         assert stream is not None
+        if any(r.verdict == "fail" for r in results):
+            save_inputs(directory, build_inputs(case))  # for normconf replay CASE_ID
         stream.case(case.case_id, results)
         bar(done, total, case, results)
 
@@ -400,6 +419,43 @@ def report_command(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
+def replay_command(args: argparse.Namespace) -> int:
+    from conformance.checks import Target
+    from conformance.messages import failure_message, reproduction_command
+    from conformance.replay import load_inputs, replay
+    from conformance.stream import read_stream
+    from impls.loader import load_adapter, resolve_device
+
+    try:
+        stream = read_stream(args.dir)
+        inputs = load_inputs(args.dir, args.case_id)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    run = stream.run
+    spec = args.adapter or str(run["adapter"]["spec"])
+    adapter = load_adapter(spec)
+    device = resolve_device(adapter, args.device or str(run["hardware"].get("device", "auto")))
+    earlier = stream.cases.get(args.case_id, [])
+    case = inputs.case
+    convention = earlier[0].convention if earlier else adapter.conventions.get(case.norm, {})
+    target = Target(
+        adapter,
+        device,
+        {case.norm: convention},
+        lambda c: reproduction_command(c.case_id, spec, int(run["seed"]), ["--device", device]),
+    )
+    results = replay(target, case, inputs)
+    print(f"replay of {case.case_id} on {adapter.name} ({device}), inputs from {args.dir}")
+    for result in results:
+        print(f"\n[{result.kind} {result.output}] {result.verdict.upper()}")
+        if result.verdict == "fail":
+            print(failure_message(result))
+        elif result.message:
+            print(printable(result.message, 200))
+    failed = any(r.verdict == "fail" for r in results)
+    return EXIT_FAIL if failed else EXIT_PASS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from impls.adapter import AdapterError
 
@@ -410,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return certify_command(args, argv)
         if args.command == "report":
             return report_command(args)
+        if args.command == "replay":
+            return replay_command(args)
         raise UsageError(f"unknown command {args.command!r}")
     except (UsageError, AdapterError) as exc:
         print(f"normconf: error: {exc}", file=sys.stderr)
