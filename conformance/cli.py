@@ -321,6 +321,15 @@ def _check_resumable(run: dict[str, object], spec: str, args: argparse.Namespace
             f"{args.resume} holds a run with seed {run.get('seed')} and "
             f"{'the quick' if run.get('quick') else 'the full'} battery: resume with the same"
         )
+    tokens = shlex.split(str(run.get("command", "")))
+    convention = "declared"
+    if "--convention" in tokens[:-1]:
+        convention = tokens[tokens.index("--convention") + 1]
+    if convention != args.convention:
+        raise UsageError(
+            f"{args.resume} holds a run graded against the {convention} conventions: resume "
+            f"with --convention {convention}"
+        )
 
 
 def _speed(

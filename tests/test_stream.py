@@ -90,6 +90,11 @@ def test_report_and_resume_errors_are_one_line(
     err = capsys.readouterr().err
     assert "holds a run of adapter 'torch', not 'handwritten'" in err
     assert err.count("\n") == 1
+    # the run streamed by _written_run graded torch against its declared conventions
+    argv = ["certify", "--adapter", "torch", "--device", "cpu", "--convention", "pytorch"]
+    assert main([*argv, "--resume", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert "graded against the declared conventions: resume with --convention declared" in err
 
 
 def test_a_run_killed_midway_leaves_a_record_and_resumes(tmp_path: Path) -> None:
