@@ -255,6 +255,28 @@ def test_handwritten_against_pytorch_is_diagnosed_as_eps_outside() -> None:
     assert not unnamed, listing(unnamed)
 
 
+def _zoo_module(name: str) -> Any:
+    """A zoo file imported as a module, to reuse its functions under other declarations."""
+    import importlib.util
+
+    source = importlib.util.spec_from_file_location(f"zoo_{name}", ZOO / f"{name}.py")
+    assert source is not None
+    assert source.loader is not None
+    module = importlib.util.module_from_spec(source)
+    source.loader.exec_module(module)
+    return module
+
+
+def _contract_failures(record: RunRecord, *phrases: str) -> None:
+    """Every contract check of ``record`` failed, naming each phrase."""
+    contract = [c for c in record.checks if c.kind == "contract"]
+    assert contract
+    for check in contract:
+        assert check.verdict == "fail"
+        for phrase in phrases:
+            assert phrase in check.message, check.message
+
+
 def _determinism(record: RunRecord) -> list[CheckResult]:
     return [c for c in record.checks if c.kind == "determinism"]
 
@@ -275,13 +297,7 @@ def test_racy_weight_gradient_fails_the_determinism_check() -> None:
 
 
 def test_declared_nondeterministic_backward_is_reported_not_failed() -> None:
-    import importlib.util
-
-    source = importlib.util.spec_from_file_location("racy", ZOO / "racy_weight_grad.py")
-    assert source is not None
-    assert source.loader is not None
-    racy = importlib.util.module_from_spec(source)
-    source.loader.exec_module(racy)
+    racy = _zoo_module("racy_weight_grad")
     adapter = from_object(
         SimpleNamespace(layer_norm=racy.layer_norm, normconf_deterministic=False), "racy, declared"
     )
@@ -331,25 +347,18 @@ def test_deterministic_builtins_pass_the_determinism_check() -> None:
 
 def test_an_output_written_over_its_input_fails_the_contract() -> None:
     record = run(str(ZOO / "aliased_output.py"), ["rms_norm"], ["float32"], ["normal"])
-    contract = [c for c in record.checks if c.kind == "contract"]
-    assert contract
-    for check in contract:
-        assert check.verdict == "fail"
-        assert "output shares memory with its argument 'input'" in check.message
-        assert "changed its argument 'input' in place" in check.message
+    _contract_failures(
+        record,
+        "output shares memory with its argument 'input'",
+        "changed its argument 'input' in place",
+    )
 
 
 def test_a_declared_in_place_residual_passes_and_undeclared_fails() -> None:
     declared = run(str(ZOO / "inplace_residual.py"), ["fused_add_rms_norm"], ["float32"])
     assert declared.verdict == "pass", listing(failures(declared))
 
-    import importlib.util
-
-    source = importlib.util.spec_from_file_location("inplace", ZOO / "inplace_residual.py")
-    assert source is not None
-    assert source.loader is not None
-    module = importlib.util.module_from_spec(source)
-    source.loader.exec_module(module)
+    module = _zoo_module("inplace_residual")
     undeclared = from_object(
         SimpleNamespace(
             fused_add_rms_norm=module.fused_add_rms_norm,
@@ -359,10 +368,8 @@ def test_a_declared_in_place_residual_passes_and_undeclared_fails() -> None:
         "in place, undeclared",
     )
     cases = select_cases(norms=["fused_add_rms_norm"], dtypes=["float32"], quick=True)
-    record = certify(undeclared, cases, device="cpu")
-    contract = [c for c in record.checks if c.kind == "contract"]
-    assert contract
-    for check in contract:
-        assert check.verdict == "fail"
-        assert "residual_out shares memory with its argument 'residual'" in check.message
-        assert "changed its argument 'residual' in place" in check.message
+    _contract_failures(
+        certify(undeclared, cases, device="cpu"),
+        "residual_out shares memory with its argument 'residual'",
+        "changed its argument 'residual' in place",
+    )
