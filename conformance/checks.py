@@ -431,16 +431,8 @@ def _backward(
     model: bounds.CaseModel,
     device: str,
 ) -> None:
-    import torch
-
-    grads = {k: to_tensor(v, device) for k, v in inputs.grads.items() if v is not None}
-    outputs = [outcome.tensors["output"]]
-    upstream = [grads["grad_output"]]
-    if "residual_out" in outcome.tensors and "grad_residual_out" in grads:
-        outputs.append(outcome.tensors["residual_out"])
-        upstream.append(grads["grad_residual_out"])
     try:
-        torch.autograd.backward(outputs, upstream)
+        backpropagate(outcome, inputs, device)
     except Exception as exc:
         rec.add(
             "backward",
@@ -498,7 +490,7 @@ def _determinism(
     gradients = {leaf: t.grad for leaf, t in first.leaves.items() if t.grad is not None}
     if backward and gradients:
         try:
-            _backward_again(again, inputs, device)
+            backpropagate(again, inputs, device)
         except Exception as exc:  # the first backward succeeded: a second one must too
             rec.add(
                 "determinism",
@@ -530,14 +522,16 @@ def _determinism(
     )
 
 
-def _backward_again(again: CallOutcome, inputs: CaseInputs, device: str) -> None:
+def backpropagate(outcome: CallOutcome, inputs: CaseInputs, device: str) -> None:
+    """Autograd from a call's outputs (the output, and the new residual of the add-norms)
+    with the case's upstream gradients into the call's leaves."""
     import torch
 
     grads = {k: to_tensor(v, device) for k, v in inputs.grads.items() if v is not None}
-    outputs = [again.tensors["output"]]
+    outputs = [outcome.tensors["output"]]
     upstream = [grads["grad_output"]]
-    if "residual_out" in again.tensors and "grad_residual_out" in grads:
-        outputs.append(again.tensors["residual_out"])
+    if "residual_out" in outcome.tensors and "grad_residual_out" in grads:
+        outputs.append(outcome.tensors["residual_out"])
         upstream.append(grads["grad_residual_out"])
     torch.autograd.backward(outputs, upstream)
 
