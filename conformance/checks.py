@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import bounds, fingerprint, metrics, tolerance
+from conformance import bounds, fingerprint, metrics, tolerance, watch
 from conformance.cases import Case
 from conformance.expected import Expected, expected
 from conformance.inputs import (
@@ -170,6 +170,7 @@ def call_adapter(
     returns: tuple[str, ...] | None = None,
     *,
     inplace: bool = False,
+    stage: str = "forward call",
 ) -> CallOutcome:
     """Call ``fn`` on fresh tensors; record the outputs, the leaves and any contract problem.
 
@@ -190,7 +191,9 @@ def call_adapter(
     before = {k: t.detach().clone() for k, t in out.leaves.items()}
     args = call_arguments(case.norm, {**inputs.arrays, **out.leaves}, inputs.params)
     try:
-        result = fn(*args, **call_keywords(case.norm, inputs.params))
+        with watch.calling(stage):
+            result = fn(*args, **call_keywords(case.norm, inputs.params))
+            _settle(device)
     except Exception as exc:  # the adapter's failure is a finding, not ours
         out.problems.append(f"raised {type(exc).__name__}: {first_line(exc)}")
         return out
@@ -357,7 +360,9 @@ def _statistics(
     device: str,
 ) -> None:
     """The mean and rstd an adapter returns, one per reduction group."""
-    call = call_adapter(fn, inputs, device, grad=False, returns=("output", "mean", "rstd"))
+    call = call_adapter(
+        fn, inputs, device, grad=False, returns=("output", "mean", "rstd"), stage="statistics call"
+    )
     if call.problems:
         rec.add("statistics", "call", "fail", message="; ".join(call.problems))
         return
@@ -481,7 +486,12 @@ def _determinism(
     """
     inplace = bool(getattr(adapter, "inplace", False))
     again = call_adapter(
-        adapter.functions[rec.case.norm], inputs, device, backward, inplace=inplace
+        adapter.functions[rec.case.norm],
+        inputs,
+        device,
+        backward,
+        inplace=inplace,
+        stage="determinism re-run",
     )
     if again.problems or not first.tensors:
         why = "; ".join(again.problems) or "the first call returned no tensors"
@@ -490,7 +500,7 @@ def _determinism(
     gradients = {leaf: t.grad for leaf, t in first.leaves.items() if t.grad is not None}
     if backward and gradients:
         try:
-            backpropagate(again, inputs, device)
+            backpropagate(again, inputs, device, stage="determinism backward pass")
         except Exception as exc:  # the first backward succeeded: a second one must too
             rec.add(
                 "determinism",
@@ -522,7 +532,9 @@ def _determinism(
     )
 
 
-def backpropagate(outcome: CallOutcome, inputs: CaseInputs, device: str) -> None:
+def backpropagate(
+    outcome: CallOutcome, inputs: CaseInputs, device: str, stage: str = "backward pass"
+) -> None:
     """Autograd from a call's outputs (the output, and the new residual of the add-norms)
     with the case's upstream gradients into the call's leaves."""
     import torch
@@ -533,7 +545,18 @@ def backpropagate(outcome: CallOutcome, inputs: CaseInputs, device: str) -> None
     if "residual_out" in outcome.tensors and "grad_residual_out" in grads:
         outputs.append(outcome.tensors["residual_out"])
         upstream.append(grads["grad_residual_out"])
-    torch.autograd.backward(outputs, upstream)
+    with watch.calling(stage):
+        torch.autograd.backward(outputs, upstream)
+        _settle(device)
+
+
+def _settle(device: str) -> None:
+    """Wait for the device's queued work, so that a hung or faulting kernel is caught inside
+    the call that launched it (and inside the watchdog's window)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 _SAME_WIDTH_INTEGERS = {8: "int64", 4: "int32", 2: "int16", 1: "int8"}
