@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="go on with the interrupted run in DIR: its finished cases are kept, not rerun",
     )
+    _isolation_options(c)
     p = commands.add_parser(
         "replay",
         help="rerun one case of a run on the inputs saved in its report directory",
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--adapter", metavar="SPEC", help="another adapter than the run's")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's")
+    _isolation_options(p)
     r = commands.add_parser(
         "report",
         help="rebuild a run's reports from DIR/results.jsonl (normconf report DIR), or join "
@@ -167,6 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="report directories")
     r.add_argument("--out", type=Path, metavar="DIR", help="where merge writes")
     return parser
+
+
+def _isolation_options(parser: argparse.ArgumentParser) -> None:
+    from conformance.worker import DEFAULT_TIMEOUT_S
+
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help="seconds one call into the adapter may take before its worker is killed and the "
+        f"check fails (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the adapter in this process, not in a worker (for a debugger; a crash then "
+        "ends the run and --timeout has no effect)",
+    )
+
+
+def _timeout(args: argparse.Namespace) -> float | None:
+    """The worker's per-call limit, or None for a run in this process."""
+    return None if args.in_process else float(args.timeout)
 
 
 def _fraction(text: str) -> float:
@@ -289,6 +315,7 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             command=shlex.join(["normconf", *argv]),
             progress=progress,
             started=started,
+            timeout=_timeout(args),
         )
         assert stream is not None
         if earlier is not None:
@@ -372,6 +399,7 @@ def _speed(
         progress=SpeedProgress(
             sys.stderr, enabled=not args.no_progress, stream=stream, record=record
         ),
+        timeout=_timeout(args),
     )
 
 
@@ -453,7 +481,7 @@ def replay_command(args: argparse.Namespace) -> int:
         {case.norm: convention},
         lambda c: reproduction_command(c.case_id, spec, int(run["seed"]), ["--device", device]),
     )
-    results = replay(target, case, inputs)
+    results = replay(target, case, inputs, timeout=_timeout(args), seed=int(run["seed"]))
     print(f"replay of {case.case_id} on {adapter.name} ({device}), inputs from {args.dir}")
     for result in results:
         print(f"\n[{result.kind} {result.output}] {result.verdict.upper()}")

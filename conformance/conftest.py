@@ -41,6 +41,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--convention", default="declared", choices=("declared", "pytorch"))
     group.addoption("--speed", action="store_true", help="add the speed battery")
     group.addoption("--baseline", default="torch", help="baseline adapter of the speed battery")
+    group.addoption(
+        "--adapter-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds one call into the adapter may take in its worker process (default: as "
+        "normconf certify's --timeout)",
+    )
+    group.addoption(
+        "--in-process",
+        action="store_true",
+        help="run the adapter in the pytest process, not in a worker (for a debugger)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -117,6 +130,28 @@ def conformance_target(request: pytest.FixtureRequest) -> Any:
         {} if pytorch else adapter.conventions,
         lambda case: reproduction_command(case.case_id, adapter.spec, seed, extra),
     )
+
+
+@pytest.fixture(scope="session")
+def conformance_runner(request: pytest.FixtureRequest, conformance_target: Any) -> Any:
+    """What runs the cases: a worker process that a crash or hang of the adapter fails one test
+    in, replaced after it (``--in-process``: this process)."""
+    from conformance.worker import DEFAULT_TIMEOUT_S, open_runner
+    from impls.loader import load_adapter
+
+    opt = request.config.getoption
+    timeout = None if opt("--in-process") else opt("--adapter-timeout") or DEFAULT_TIMEOUT_S
+    baseline = None
+    if opt("--speed") and opt("--baseline").strip().lower() != "none":
+        spec = opt("--baseline")
+        baseline = conformance_target.adapter if spec == conformance_target.adapter.spec else None
+        baseline = baseline or load_adapter(spec)
+    extra = ["--convention", "pytorch"] if opt("--convention") == "pytorch" else []
+    seed = opt("--conformance-seed")
+    with open_runner(
+        conformance_target, timeout=timeout, seed=seed, extra=extra, baseline=baseline
+    ) as runner:
+        yield runner
 
 
 def _speed_cases(metafunc: pytest.Metafunc) -> None:

@@ -17,10 +17,11 @@ from importlib import metadata
 from typing import Any
 
 from conformance.cases import DTYPES, Case, catalogue
-from conformance.checks import Target, first_line, run_case
+from conformance.checks import Target
 from conformance.messages import reproduction_command
 from conformance.results import CheckResult, RunRecord
 from conformance.specs import NORM_NAMES
+from conformance.worker import open_runner
 
 Progress = Callable[[int, int, Case, list[CheckResult]], None]
 
@@ -95,23 +96,6 @@ def select_cases(
     return cases
 
 
-def _suite_error(target: Target, case: Case, exc: Exception) -> CheckResult:
-    return CheckResult(
-        case_id=case.case_id,
-        norm=case.norm,
-        dtype=case.dtype,
-        kind="contract",
-        output="call",
-        shape=case.shape,
-        distribution=case.distribution,
-        layout=case.layout,
-        seed=case.seed,
-        verdict="fail",
-        message=f"the suite could not run this case: {type(exc).__name__}: {first_line(exc)}",
-        reproduce=target.reproduce(case),
-    )
-
-
 def certify(
     adapter: Any,
     cases: Iterable[Case],
@@ -123,12 +107,16 @@ def certify(
     command: str | None = None,
     progress: Progress | None = None,
     started: Callable[[RunRecord], None] | None = None,
+    timeout: float | None = None,
 ) -> RunRecord:
     """Run every case through ``adapter`` (an :class:`impls.adapter.Adapter`).
 
     ``conventions`` overrides what the adapter declares (``{}`` certifies against PyTorch's
     conventions whatever the adapter says). ``started`` sees the record before the first case
     (its facts filled in, no checks yet); ``progress`` sees each case's checks as it finishes.
+    ``timeout``: run the adapter in a worker process (:mod:`conformance.worker`) that may spend
+    at most this many seconds in one call, and that a crash or hang fails one case instead of
+    ending the run; None runs it in this process.
     """
     cases = [c for c in cases if c.norm in adapter.norms()]
     declared = adapter.conventions if conventions is None else conventions
@@ -157,14 +145,12 @@ def certify(
     )
     if started is not None:
         started(record)
-    for done, case in enumerate(cases, 1):
-        try:
-            results = run_case(target, case)
-        except Exception as exc:  # the suite's own failure on one case must not end the run
-            results = [_suite_error(target, case, exc)]
-        record.checks.extend(results)
-        if progress is not None:
-            progress(done, len(cases), case, results)
+    with open_runner(target, timeout=timeout, seed=seed, extra=extra) as runner:
+        for done, case in enumerate(cases, 1):
+            results = runner.run_case(case)
+            record.checks.extend(results)
+            if progress is not None:
+                progress(done, len(cases), case, results)
     record.finished = now()
     return record
 
@@ -181,10 +167,12 @@ def certify_speed(
     quick: bool = False,
     conventions: Mapping[str, Mapping[str, Any]] | None = None,
     progress: Callable[[int, int, Any], None] | None = None,
+    timeout: float | None = None,
 ) -> RunRecord:
     """Add the speed battery (:mod:`conformance.speed`) to ``record``, a finished accuracy run
     of ``adapter``: the ceiling measured now, then every speed case timed, re-verified and
-    judged against ``thresholds`` and the ``baseline`` adapter (None: no ratio)."""
+    judged against ``thresholds`` and the ``baseline`` adapter (None: no ratio). ``timeout``:
+    as :func:`certify`'s, each speed case timed in the worker."""
     from conformance import speed, timing
 
     battery = speed.speed_cases(adapter, device, norms=norms, dtypes=dtypes, quick=quick)
@@ -197,17 +185,20 @@ def certify_speed(
         argv += [*extra, "--norm", sc.norm, "--dtype", sc.dtype]
         return shlex.join(argv)
 
-    record.speed = speed.run_speed(
-        adapter,
-        baseline,
-        battery,
-        device=device,
-        conventions=declared,
-        thresholds=thresholds,
-        failed_accuracy=speed.accuracy_failures(record.checks),
-        reproduce=reproduce,
-        ceiling=record.ceiling,
-        progress=progress,
-    )
+    target = Target(adapter, device, declared, lambda case: "")
+    with open_runner(target, timeout=timeout, seed=record.seed, baseline=baseline) as runner:
+        record.speed = speed.run_speed(
+            adapter,
+            baseline,
+            battery,
+            device=device,
+            conventions=declared,
+            thresholds=thresholds,
+            failed_accuracy=speed.accuracy_failures(record.checks),
+            reproduce=reproduce,
+            ceiling=record.ceiling,
+            progress=progress,
+            timer=runner.timer,
+        )
     record.finished = now()
     return record

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from conformance.cases import Case, parse_case_id
-from conformance.checks import Target, run_case
+from conformance.checks import Target
 from conformance.inputs import NUMPY_DTYPES, CaseInputs, build_inputs
 from conformance.results import CheckResult
+from conformance.worker import open_runner
 
 INPUTS_DIR = "inputs"
 _GRAD = "grad:"
@@ -70,6 +71,10 @@ def _typed(saved: Any, key: str) -> np.ndarray | None:
     return np.asarray(saved[key]).astype(NUMPY_DTYPES[dtype])
 
 
-def replay(target: Target, case: Case, inputs: CaseInputs) -> list[CheckResult]:
-    """Every check of ``case`` on the saved ``inputs``."""
-    return run_case(target, case, inputs)
+def replay(
+    target: Target, case: Case, inputs: CaseInputs, *, timeout: float | None = None, seed: int = 0
+) -> list[CheckResult]:
+    """Every check of ``case`` on the saved ``inputs``; with ``timeout``, in a worker process as
+    a certification runs it (a case that crashed the run's worker crashes only the replay's)."""
+    with open_runner(target, timeout=timeout, seed=seed) as runner:
+        return runner.run_case(case, inputs)

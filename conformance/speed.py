@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from conformance import watch
 from conformance.cases import Case, _with_norm_defaults, case_seed
 from conformance.checks import first_line
 from conformance.inputs import torch_dtype
@@ -239,6 +240,7 @@ class Runner:
     def forward(self, i: int) -> Any:
         import torch
 
+        watch.begin("timed forward")  # each call restarts the watchdog's clock
         with torch.no_grad():
             out = self.fn(*self.args[i], **self.keywords)
         self.sets[i].outputs = out
@@ -256,6 +258,7 @@ class Runner:
         args = call_arguments(self.case.norm, {**st.tensors, **leaves}, self.case.parameters())
         if self.case.norm == "batch_norm":  # the running statistics: the set's own copies
             args[1], args[2] = st.tensors["running_mean"].clone(), st.tensors["running_var"].clone()
+        watch.begin("timed backward")
         out = self.fn(*args, **self.keywords)
         st.leaves = leaves
         st.graph_outputs = list(out) if isinstance(out, tuple | list) else [out]
@@ -269,6 +272,7 @@ class Runner:
         upstream = [st.upstream["grad_output"]]
         if len(st.graph_outputs) > 1:
             upstream.append(st.upstream["grad_residual_out"])
+        watch.begin("timed backward")
         grads = torch.autograd.grad(st.graph_outputs, list(st.leaves.values()), upstream)
         st.outputs = dict(zip(st.leaves, grads, strict=True))
         st.graph_outputs = None  # the graph is spent
@@ -336,11 +340,14 @@ def time_case(
         return runner.backward(i) if backward else runner.forward(i)
 
     prepare = runner.graph if backward else None
-    timing = time_calls(call, len(sets), device, budget, prepare=prepare)
-    if device == "cuda":
-        import torch
+    try:
+        timing = time_calls(call, len(sets), device, budget, prepare=prepare)
+        if device == "cuda":
+            import torch
 
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+    finally:
+        watch.end()
     return timing, sets[last[0]]
 
 
@@ -405,43 +412,69 @@ def run_speed(
     ceiling: Mapping[str, Any] | None,
     progress: Callable[[int, int, SpeedResult], None] | None = None,
     budget: Any = None,
+    timer: Callable[..., SpeedResult] | None = None,
 ) -> list[SpeedResult]:
     """Time every speed case for ``adapter`` (and ``baseline`` on the same inputs), re-verify
-    and judge each."""
-    from conformance.timing import sets_needed
-
+    and judge each. ``timer`` replaces :func:`time_one` (an isolated run times each case in its
+    worker process)."""
     results = []
-    same = baseline is None or baseline.spec == adapter.spec
     for done, sc in enumerate(speed_battery, 1):
-        case = sc.case()
-        convention = spec(sc.norm).convention(conventions.get(sc.norm, {}))
-        count = sets_needed(bytes_moved(case, sc.direction), device)
-        seed = case_seed(0, sc.speed_id)
-        try:
-            sets = draw_sets(case, device, count, seed)
-            timing, last = time_case(adapter, sc, device, sets, budget)
-            problem = reverify(case, last, sc.direction, convention, adapter.reduction)
-        except Exception as exc:  # the adapter's failure is a finding; the battery goes on
-            result = _failed(sc, device, f"{type(exc).__name__}: {first_line(exc)}", reproduce)
-            results.append(result)
-            if progress is not None:
-                progress(done, len(speed_battery), result)
-            continue
-        result = result_of(sc, device, timing, ceiling, reproduce(sc))
-        result = _with_baseline(
-            result, adapter, baseline, sc, device, case, count, seed, same, budget
-        )
-        result = judge(
-            result,
-            thresholds,
+        result = (timer or time_one)(
+            adapter,
+            baseline,
+            sc,
+            device=device,
+            conventions=conventions,
+            thresholds=thresholds,
             accuracy_failed=(sc.norm, sc.dtype) in failed_accuracy,
-            reverify_problem=problem,
-            row=row_length(sc),
+            reproduce=reproduce(sc),
+            ceiling=ceiling,
+            budget=budget,
         )
         results.append(result)
         if progress is not None:
             progress(done, len(speed_battery), result)
     return results
+
+
+def time_one(
+    adapter: Any,
+    baseline: Any | None,
+    sc: SpeedCase,
+    *,
+    device: str,
+    conventions: Mapping[str, Mapping[str, Any]],
+    thresholds: Thresholds,
+    accuracy_failed: bool,
+    reproduce: str,
+    ceiling: Mapping[str, Any] | None,
+    budget: Any = None,
+) -> SpeedResult:
+    """One speed case: timed (with the baseline on the same inputs), re-verified, judged."""
+    from conformance.timing import sets_needed
+
+    same = baseline is None or baseline.spec == adapter.spec
+    case = sc.case()
+    convention = spec(sc.norm).convention(conventions.get(sc.norm, {}))
+    count = sets_needed(bytes_moved(case, sc.direction), device)
+    seed = case_seed(0, sc.speed_id)
+    try:
+        sets = draw_sets(case, device, count, seed)
+        timing, last = time_case(adapter, sc, device, sets, budget)
+        problem = reverify(case, last, sc.direction, convention, adapter.reduction)
+    except Exception as exc:  # the adapter's failure is a finding; the battery goes on
+        return failed_timing(
+            sc, device, f"the timed call raised {type(exc).__name__}: {first_line(exc)}", reproduce
+        )
+    result = result_of(sc, device, timing, ceiling, reproduce)
+    result = _with_baseline(result, adapter, baseline, sc, device, case, count, seed, same, budget)
+    return judge(
+        result,
+        thresholds,
+        accuracy_failed=accuracy_failed,
+        reverify_problem=problem,
+        row=row_length(sc),
+    )
 
 
 def _with_baseline(
@@ -477,9 +510,6 @@ def _with_baseline(
     )
 
 
-def _failed(
-    sc: SpeedCase, device: str, why: str, reproduce: Callable[[SpeedCase], str]
-) -> SpeedResult:
-    return replace(
-        _blank(sc, device, reproduce(sc)), verdict="fail", message=f"the timed call raised {why}"
-    )
+def failed_timing(sc: SpeedCase, device: str, why: str, reproduce: str) -> SpeedResult:
+    """A speed case that produced no timing, and ``why``."""
+    return replace(_blank(sc, device, reproduce), verdict="fail", message=why)

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from conformance import strategies
 from conformance.cases import Case, parse_case_id
-from conformance.checks import run_case
 from conformance.inputs import build_inputs
 from conformance.messages import failure_message
 
@@ -27,9 +26,9 @@ def _assert_passed(results: list[Any]) -> None:
         pytest.fail(f"{len(failed)} of {len(results)} checks failed\n\n{text}", pytrace=False)
 
 
-def test_case(conformance_target: Any, conformance_case: Any) -> None:
+def test_case(conformance_runner: Any, conformance_case: Any) -> None:
     __tracebackhide__ = True
-    _assert_passed(run_case(conformance_target, conformance_case))
+    _assert_passed(conformance_runner.run_case(conformance_case))
 
 
 def _drawn_case(target: Any, data: Any) -> tuple[Case, Any]:
@@ -55,13 +54,15 @@ def _drawn_case(target: Any, data: Any) -> tuple[Case, Any]:
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_layer_norms_on_drawn_rows(conformance_target: Any, data: Any) -> None:
+def test_layer_norms_on_drawn_rows(
+    conformance_target: Any, conformance_runner: Any, data: Any
+) -> None:
     """LayerNorm and RMSNorm on rows hypothesis draws (size, mean, spread, dtype); a failure
     shrinks to a minimal matrix of rows, printed with the failing checks."""
     __tracebackhide__ = True
     case, inputs = _drawn_case(conformance_target, data)
-    target = replace(conformance_target, reproduce=_hypothesis_reproduce)
-    _assert_passed(run_case(target, case, inputs))
+    results = conformance_runner.run_case(case, inputs)
+    _assert_passed([replace(r, reproduce=_hypothesis_reproduce(case)) for r in results])
 
 
 def _hypothesis_reproduce(case: Case) -> str:
@@ -70,7 +71,10 @@ def _hypothesis_reproduce(case: Case) -> str:
 
 @pytest.mark.speed
 def test_speed(
-    conformance_target: Any, conformance_speed: Any, conformance_speed_case: Any
+    conformance_target: Any,
+    conformance_runner: Any,
+    conformance_speed: Any,
+    conformance_speed_case: Any,
 ) -> None:
     """One timing of the speed battery: the adapter's bandwidth against the ceiling and the
     baseline, its outputs checked again after timing, and no pass where accuracy failed."""
@@ -83,7 +87,7 @@ def test_speed(
     if key not in shared["accuracy"]:
         cases = select_cases(norms=[sc.norm], dtypes=[sc.dtype], quick=True)
         shared["accuracy"][key] = any(
-            r.verdict == "fail" for case in cases for r in run_case(target, case)
+            r.verdict == "fail" for case in cases for r in conformance_runner.run_case(case)
         )
     failed = {key} if shared["accuracy"][key] else set()
     (result,) = run_speed(
@@ -96,6 +100,7 @@ def test_speed(
         failed_accuracy=failed,
         reproduce=lambda _sc: "",
         ceiling=shared["ceiling"],
+        timer=conformance_runner.timer,
     )
     if result.verdict == "fail":
         pytest.fail(f"{sc.speed_id}: {result.message}", pytrace=False)
