@@ -5,10 +5,12 @@ dtype and device, raises nothing, leaves its inputs alone), ``forward`` (or ``no
 inputs with NaN/Inf: the output and, for the add-norms, the new residual), ``backward`` (the
 gradients autograd gives for the input, weight, bias and residual) and ``running_stats``
 (BatchNorm in training), then ``determinism`` (the same inputs again, on fresh tensors: the
-outputs and gradients must be bitwise equal to the first call's). Every comparison is against the
-correctly rounded reference with the tolerance model's per-element bound, and a failure gets a
-diagnosis from
-:mod:`conformance.fingerprint`.
+outputs and gradients must be bitwise equal to the first call's), and last, for norms the adapter
+declares in ``normconf_out``, the provided-buffer checks (a call with ``out=`` buffers poisoned
+with NaN, :mod:`conformance.buffers`: a ``contract`` check of ``out`` — the buffers returned, every
+element written — and the buffers' contents graded as the outputs are). Every comparison is
+against the correctly rounded reference with the tolerance model's per-element bound, and a
+failure gets a diagnosis from :mod:`conformance.fingerprint`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import bounds, fingerprint, metrics, tolerance, watch
+from conformance import bounds, buffers, fingerprint, metrics, tolerance, watch
 from conformance.cases import Case
 from conformance.expected import Expected, expected
 from conformance.inputs import (
@@ -36,6 +38,9 @@ from conformance.results import CheckResult
 from conformance.specs import call_arguments, call_keywords, spec
 
 _DIFFERENTIABLE = ("input", "weight", "bias", "residual", "sublayer_output")
+
+#: The tolerance bound of each output, given the case's model.
+Graders = dict[str, Callable[[bounds.CaseModel], np.ndarray]]
 
 
 @dataclass
@@ -60,6 +65,7 @@ class CallOutcome:
     leaves: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     dtypes: dict[str, str] = field(default_factory=dict)
+    raised: bool = False
 
 
 class _Recorder:
@@ -130,20 +136,13 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
     rec.kappa = _case_kappa(model)
     kind = "nonfinite" if case.distribution == "nonfinite" else "forward"
     reference = exp.values["output"]
-    _compare(
-        rec, kind, "output", outcome, exp, lambda m: bounds.forward(m, reference), inputs, model
-    )
-    if "residual_out" in outcome.values:
-        _compare(
-            rec,
-            kind,
-            "residual_out",
-            outcome,
-            exp,
-            lambda m: bounds.residual(m, inputs),
-            inputs,
-            model,
-        )
+    graders: Graders = {
+        "output": lambda m: bounds.forward(m, reference),
+        "residual_out": lambda m: bounds.residual(m, inputs),
+    }
+    for name in ("output", "residual_out"):
+        if name in outcome.values:
+            _compare(rec, kind, name, outcome, exp, graders[name], inputs, model)
     if norm in getattr(adapter, "statistics", {}) and kind == "forward":
         _statistics(rec, adapter.statistics[norm], inputs, exp, model, target.device)
     if case.norm == "batch_norm" and case.training:
@@ -151,6 +150,8 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
     if want_backward and kind == "forward":
         _backward(rec, inputs, outcome, exp, model, target.device)
     _determinism(rec, adapter, inputs, outcome, target.device, want_backward and kind == "forward")
+    if norm in getattr(adapter, "out", ()):
+        _provided_buffers(rec, adapter, inputs, exp, model, graders, target.device, kind)
     return rec.results
 
 
@@ -170,6 +171,7 @@ def call_adapter(
     returns: tuple[str, ...] | None = None,
     *,
     inplace: bool = False,
+    out: Any = None,
     stage: str = "forward call",
 ) -> CallOutcome:
     """Call ``fn`` on fresh tensors; record the outputs, the leaves and any contract problem.
@@ -177,51 +179,56 @@ def call_adapter(
     ``inplace``: the adapter declares that its fused add-norms update ``residual`` in place
     with the new residual (``normconf_inplace``); the call must then leave in ``residual``
     exactly what it returns as ``residual_out``, and only that output may share its memory.
+    ``out``: passed on as the keyword ``out=`` (the provided-buffer check), unless None.
     """
     import torch
 
-    case, out = inputs.case, CallOutcome()
+    case, outcome = inputs.case, CallOutcome()
     s = spec(case.norm)
     for name, array in inputs.arrays.items():
         if array is None:
             continue
         layout = case.layout if name in ("input", "residual", "sublayer_output") else "contiguous"
         needs_grad = grad and name in _DIFFERENTIABLE
-        out.leaves[name] = to_tensor(array, device, layout, needs_grad)
-    before = {k: t.detach().clone() for k, t in out.leaves.items()}
-    args = call_arguments(case.norm, {**inputs.arrays, **out.leaves}, inputs.params)
+        outcome.leaves[name] = to_tensor(array, device, layout, needs_grad)
+    before = {k: t.detach().clone() for k, t in outcome.leaves.items()}
+    args = call_arguments(case.norm, {**inputs.arrays, **outcome.leaves}, inputs.params)
+    keywords = call_keywords(case.norm, inputs.params)
+    if out is not None:
+        keywords["out"] = out
     try:
         with watch.calling(stage):
-            result = fn(*args, **call_keywords(case.norm, inputs.params))
+            result = fn(*args, **keywords)
             _settle(device)
     except Exception as exc:  # the adapter's failure is a finding, not ours
-        out.problems.append(f"raised {type(exc).__name__}: {first_line(exc)}")
-        return out
+        outcome.problems.append(f"raised {type(exc).__name__}: {first_line(exc)}")
+        outcome.raised = True
+        return outcome
     names = returns or (("output", "residual_out") if s.fused else ("output",))
     returned = result if len(names) > 1 else (result,)
     if len(names) > 1 and (not isinstance(result, tuple | list) or len(result) != len(names)):
-        out.problems.append(f"returned {type(result).__name__}; expected ({', '.join(names)})")
-        return out
+        outcome.problems.append(f"returned {type(result).__name__}; expected ({', '.join(names)})")
+        return outcome
     for name, value in zip(names, returned, strict=True):
         if name in ("mean", "rstd"):
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
-                out.problems.append(f"{name}: a {type(value).__name__}, not a torch.Tensor")
+                outcome.problems.append(f"{name}: a {type(value).__name__}, not a torch.Tensor")
                 continue
-            out.values[name] = to_numpy(value)
-            out.dtypes[name] = str(value.dtype).removeprefix("torch.")
+            outcome.values[name] = to_numpy(value)
+            outcome.dtypes[name] = str(value.dtype).removeprefix("torch.")
             continue
         problem = _tensor_problem(value, case, device)
         if problem:
-            out.problems.append(f"{name}: {problem}")
+            outcome.problems.append(f"{name}: {problem}")
             continue
-        out.tensors[name] = value
-        out.values[name] = to_numpy(value)
+        outcome.tensors[name] = value
+        outcome.values[name] = to_numpy(value)
     in_place = inplace and s.fused
-    _aliasing_problems(out, in_place)
-    _mutation_problems(out, before, case, in_place)
-    return out
+    _aliasing_problems(outcome, in_place)
+    _mutation_problems(outcome, before, case, in_place)
+    return outcome
 
 
 def _shares_memory(a: Any, b: Any) -> bool:
@@ -304,7 +311,11 @@ def _compare(
     inputs: CaseInputs,
     model: bounds.CaseModel,
     dtype: str | None = None,
+    label: str | None = None,
+    cause: str | None = None,
 ) -> None:
+    """Grade ``outcome``'s ``name`` against the reference. ``label`` names it in the report
+    (default: ``name``); ``cause``, where known already, is a failure's diagnosis (no search)."""
     actual, reference = outcome.values[name], exp.values[name]
     dtype = dtype or rec.case.dtype
     ungraded = _undefined_elements(inputs, model, name)
@@ -319,8 +330,8 @@ def _compare(
         m = metrics.compare(actual, reference, bound, dtype)
     grade = metrics.grade(m)
     verdict = "fail" if grade == "fail" else "pass"
-    diagnosis = None
-    if verdict == "fail":
+    diagnosis = cause if verdict == "fail" else None
+    if verdict == "fail" and cause is None:
         try:
             with np.errstate(all="ignore"):
                 diagnosis = fingerprint.diagnose(
@@ -328,14 +339,15 @@ def _compare(
                 )
         except Exception as exc:  # a diagnosis is a courtesy; the verdict stands without it
             diagnosis = f"no diagnosis: the search raised {type(exc).__name__}: {first_line(exc)}"
+    label = label or name
     rec.add(
         kind,
-        name,
+        label,
         verdict,
         grade=grade,
         metrics=m,
         diagnosis=diagnosis,
-        message=f"{name}: {grade.replace('_', ' ')}{note}",
+        message=f"{label}: {grade.replace('_', ' ')}{note}",
     )
 
 
@@ -530,6 +542,51 @@ def _determinism(
         verdict,
         message=f"the same inputs twice gave different bits in {', '.join(differing)}{note}",
     )
+
+
+def _provided_buffers(
+    rec: _Recorder,
+    adapter: Any,
+    inputs: CaseInputs,
+    exp: Expected,
+    model: bounds.CaseModel,
+    graders: Graders,
+    device: str,
+    kind: str,
+) -> None:
+    """Call the adapter once more, with ``out=`` buffers poisoned with NaN
+    (:mod:`conformance.buffers`): a ``contract`` check of ``out`` (the call returned the buffers
+    and wrote every element), then each buffer graded as the output it holds."""
+    import torch
+
+    inplace = bool(getattr(adapter, "inplace", False))
+    given = buffers.poisoned(rec.case, device, inplace=inplace)
+    with torch.no_grad():
+        call = call_adapter(
+            adapter.functions[rec.case.norm],
+            inputs,
+            device,
+            grad=False,
+            inplace=inplace,
+            out=buffers.argument(given),
+            stage="provided-buffer call",
+        )
+    if call.raised:
+        rec.add("contract", "out", "fail", message=f"with out=: {'; '.join(call.problems)}")
+        return
+    values = {name: to_numpy(buffer) for name, buffer in given.items()}
+    left: dict[str, str | None] = {}
+    for name, actual in values.items():
+        ungraded, where = _undefined_elements(inputs, model, name), buffers.label(name, given)
+        left[name] = buffers.unwritten(actual, exp.values[name], ungraded, where)
+    problems = [*call.problems, *buffers.not_returned(call.tensors, given)]
+    problems += [why for why in left.values() if why]
+    done = f"wrote every element of {', '.join(buffers.label(n, given) for n in given)}"
+    rec.add("contract", "out", "fail" if problems else "pass", message="; ".join(problems) or done)
+    for name, actual in values.items():
+        found, label = CallOutcome(values={name: actual}), f"{name} (out=)"
+        grader, cause = graders[name], left[name]
+        _compare(rec, kind, name, found, exp, grader, inputs, model, label=label, cause=cause)
 
 
 def backpropagate(

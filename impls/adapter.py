@@ -59,11 +59,19 @@ unnoticed):
     update ``residual`` in place with the new residual ``z`` and return that same tensor as
     their second output, as serving kernels do. Without it, an output that shares memory with
     an argument, and an argument changed by the call, fail the contract check.
+``normconf_out``
+    bool (every norm of the adapter), or a tuple of norm names; default: none. Those norms'
+    functions take a keyword ``out=``, write their results there and return them (the very
+    tensors given). ``out=`` is one tensor of the output's shape, dtype and device, except for
+    the fused add-norms: a tuple ``(output, residual_out)``, or the output alone where the
+    adapter declares ``normconf_inplace`` (its ``residual`` is then the new residual's buffer).
+    The engine calls them once more with ``out=`` buffers filled with NaN: an element left
+    unwritten fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +129,7 @@ METADATA = (
     "normconf_deterministic",
     "normconf_reduction",
     "normconf_inplace",
+    "normconf_out",
 )
 
 
@@ -140,7 +149,8 @@ class AdapterError(Exception):
 class Adapter:
     """A validated adapter: its norm functions and what it declares about them.
 
-    ``dtypes``, ``conventions`` and ``backward`` have one entry per implemented norm.
+    ``dtypes``, ``conventions`` and ``backward`` have one entry per implemented norm; ``out``
+    names the norms whose functions write into a provided ``out=``, in :data:`NORMS` order.
     """
 
     name: str
@@ -155,6 +165,7 @@ class Adapter:
     reduction: str
     statistics: dict[str, Callable[..., Any]] = field(default_factory=dict)
     inplace: bool = False
+    out: tuple[str, ...] = ()
 
     def norms(self) -> tuple[str, ...]:
         """The implemented norms, in :data:`NORMS` order."""
@@ -186,6 +197,7 @@ class Adapter:
             "deterministic": self.deterministic,
             "reduction": self.reduction,
             "inplace": self.inplace,
+            "out": list(self.out),
         }
 
 
@@ -206,6 +218,7 @@ def from_object(obj: object, spec: str, name: str | None = None) -> Adapter:
         backward=_backward(obj, spec, norms),
         deterministic=_flag(obj, spec, "normconf_deterministic", True),
         inplace=_flag(obj, spec, "normconf_inplace", False),
+        out=_out(obj, spec, norms),
         reduction=_one_of(obj, spec, "normconf_reduction", REDUCTIONS, "tree"),
         statistics=_statistics(obj, spec, norms),
     )
@@ -292,18 +305,34 @@ def _checked_tuple(
     return tuple(dict.fromkeys(str(item) for item in value))
 
 
-def _per_norm(
-    value: Mapping[str, Any], spec: str, attribute: str, norms: tuple[str, ...]
-) -> dict[str, Any]:
-    """A dict-valued declaration, checked to name only implemented norms."""
-    for norm in value:
+def _implemented(named: Iterable[str], spec: str, attribute: str, norms: tuple[str, ...]) -> None:
+    """Every norm a declaration names is one the adapter implements."""
+    for norm in named:
         if norm not in norms:
             raise _fail(
                 spec,
                 attribute,
                 f"names {norm!r}, which the adapter does not implement ({', '.join(norms)})",
             )
+
+
+def _per_norm(
+    value: Mapping[str, Any], spec: str, attribute: str, norms: tuple[str, ...]
+) -> dict[str, Any]:
+    """A dict-valued declaration, checked to name only implemented norms."""
+    _implemented(value, spec, attribute, norms)
     return dict(value)
+
+
+def _out(obj: object, spec: str, norms: tuple[str, ...]) -> tuple[str, ...]:
+    """The norms declared to write into a provided ``out=``, in :data:`NORMS` order."""
+    value = getattr(obj, "normconf_out", False)
+    if isinstance(value, bool):
+        return norms if value else ()
+    if not isinstance(value, tuple | list) or not all(isinstance(n, str) for n in value):
+        raise _fail(spec, "normconf_out", f"must be a bool or a tuple of norm names, got {value!r}")
+    _implemented(value, spec, "normconf_out", norms)
+    return tuple(norm for norm in norms if norm in value)
 
 
 def _dtypes(obj: object, spec: str, norms: tuple[str, ...]) -> dict[str, tuple[str, ...]]:

@@ -5,8 +5,9 @@ tested: every function's output and gradients against float64 autograd in every 
 groups wider than one tile; layouts (strided views with NaN in the gaps, channels-last) giving
 bitwise the results of contiguous inputs; bitwise determinism, the weight and bias gradients of
 a multi-program backward included; Gemma's ``1 + w``; DeepNorm's ``alpha``; ``normalized_shape``
-as an int or a sequence; ``rms_norm``'s ``eps=None``; the adapters' declarations; the error
-without triton; and certification through the engine, large means (κ = 1e5) included.
+as an int or a sequence; ``rms_norm``'s ``eps=None``; ``out=`` buffers written whole and
+returned, without autograd; the adapters' declarations; the error without triton; and
+certification through the engine, large means (κ = 1e5) and provided buffers included.
 """
 
 from __future__ import annotations
@@ -545,6 +546,82 @@ def test_bad_arguments_say_what_is_wrong() -> None:
         adapter.rms_norm(x.double(), 40)
 
 
+# -- provided buffers (out=) -----------------------------------------------------------------------
+
+#: Each trailing norm called with ``out`` (None: without it), on leaves named as in :data:`NORMS`.
+OUT_CALLS: dict[str, Callable[[dict[str, torch.Tensor], Any], Any]] = {
+    "layer_norm": lambda t, out: adapter.layer_norm(
+        t["input"], _width(t), t["weight"], t["bias"], out=out
+    ),
+    "rms_norm": lambda t, out: adapter.rms_norm(t["input"], [_width(t)], t["weight"], out=out),
+    "deep_norm": lambda t, out: adapter.deep_norm(
+        t["input"], t["other"], _width(t), t["weight"], t["bias"], ALPHA["deep"], out=out
+    ),
+    "fused_add_layer_norm": lambda t, out: adapter.fused_add_layer_norm(
+        t["input"], t["other"], _width(t), t["weight"], t["bias"], alpha=ALPHA["fused"], out=out
+    ),
+    "fused_add_rms_norm": lambda t, out: adapter.fused_add_rms_norm(
+        t["input"], t["other"], _width(t), t["weight"], alpha=ALPHA["fused"], out=out
+    ),
+    "gemma.rms_norm": lambda t, out: gemma.rms_norm(t["input"], _width(t), t["weight"], out=out),
+    "gemma.fused_add_rms_norm": lambda t, out: gemma.fused_add_rms_norm(
+        t["input"], t["other"], _width(t), t["weight"], alpha=ALPHA["fused"], out=out
+    ),
+}
+
+
+def _as_tuple(result: Any) -> tuple[torch.Tensor, ...]:
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "layout"),
+    [
+        *((name, (4, 40), "contiguous") for name in OUT_CALLS),
+        ("layer_norm", (70, 300), "contiguous"),  # row blocks and chunks (tiles lowered)
+        ("fused_add_rms_norm", (70, 300), "contiguous"),
+        ("layer_norm", (3, 2, 50), "strided"),  # a buffer the kernel cannot write: a copy
+        ("fused_add_layer_norm", (5, 33), "strided"),
+    ],
+)
+def test_out_receives_bitwise_the_result_and_is_returned(
+    name: str, shape: tuple[int, ...], layout: str
+) -> None:
+    """NaN-filled ``out=`` buffers come back themselves, every element written with bitwise
+    the result of the call without ``out=``."""
+    norm = dataclasses.replace(NORMS_BY_NAME[name], shape=shape)
+    leaves = {key: leaf.detach() for key, leaf in _leaves(norm, torch.bfloat16, 101).items()}
+    with lowered_tiles(MAX_TILE_COLUMNS=128, CHUNK_COLUMNS=128):
+        expected = _as_tuple(OUT_CALLS[name](leaves, None))
+        given = tuple(_laid_out(torch.full_like(e, math.nan), layout) for e in expected)
+        got = _as_tuple(OUT_CALLS[name](leaves, given if len(given) > 1 else given[0]))
+    assert len(got) == len(given)
+    for index, (returned, buffer, want) in enumerate(zip(got, given, expected, strict=True)):
+        assert returned is buffer, f"{name}: result {index} is not the out= tensor given"
+        assert_bitwise_equal(buffer, want, f"{name} out= {layout}: result {index}")
+
+
+def test_out_refuses_autograd_as_torch_does() -> None:
+    x = draw((3, 40), torch.float32, 111).requires_grad_()
+    buffer = torch.empty_like(x, requires_grad=False)
+    with pytest.raises(RuntimeError, match="out= do not support automatic differentiation"):
+        adapter.layer_norm(x, 40, out=buffer)
+    with torch.no_grad():
+        assert adapter.layer_norm(x, 40, out=buffer) is buffer
+
+
+def test_bad_out_buffers_say_what_is_wrong() -> None:
+    x, r = draw((3, 40), torch.float32, 121), draw((3, 40), torch.float32, 122)
+    with pytest.raises(ValueError, match=r"out= output is \[3, 41\] torch.float32"):
+        adapter.rms_norm(x, 40, out=torch.empty(3, 41))
+    with pytest.raises(ValueError, match="expected the input's"):
+        adapter.layer_norm(x, 40, out=torch.empty(3, 40, dtype=torch.float16))
+    with pytest.raises(
+        TypeError, match=r"must be the tuple \(output, residual_out\), got a Tensor"
+    ):
+        adapter.fused_add_rms_norm(x, r, 40, out=torch.empty_like(x))
+
+
 # -- the adapters ----------------------------------------------------------------------------------
 
 
@@ -562,6 +639,8 @@ def test_adapters_declare_what_they_do() -> None:
     )
     assert set(plain.statistics) == {"layer_norm", "rms_norm", "group_norm"}
     assert gemma_adapter.norms() == ("rms_norm", "fused_add_rms_norm")
+    assert plain.out == tuple(n for n in plain.norms() if n != "group_norm")
+    assert gemma_adapter.out == gemma_adapter.norms()
     for a in (plain, gemma_adapter):
         assert a.devices == (("cpu",) if runtime.INTERPRETED else ("cuda",))
         assert set(a.dtypes.values()) == {("float32", "float16", "bfloat16")}
@@ -636,13 +715,14 @@ CERTIFIED_CASES = {
 def test_certification_passes_through_the_engine(spec: str) -> None:
     """Graded by the tolerance model against the correctly rounded references: forward,
     statistics, backward and determinism, large means (κ = 1e5), subnormals, overflowing
-    squares, strided and channels-last layouts."""
+    squares, strided and channels-last layouts, and the NaN-poisoned ``out=`` buffers of every
+    norm that declares them."""
     from conformance.engine import certify, select_cases
     from impls.loader import load_adapter
 
-    record = certify(
-        load_adapter(spec), select_cases(case_ids=CERTIFIED_CASES[spec]), device=DEVICE
-    )
+    cases = select_cases(case_ids=CERTIFIED_CASES[spec])
+    certified = load_adapter(spec)
+    record = certify(certified, cases, device=DEVICE)
     failures = [
         f"{c.check_id}: {c.message} {c.diagnosis or ''}"
         for c in record.checks
@@ -651,3 +731,7 @@ def test_certification_passes_through_the_engine(spec: str) -> None:
     assert not failures, "\n".join(failures)
     kinds = {c.kind for c in record.checks if c.verdict == "pass"}
     assert {"forward", "backward", "determinism"} <= kinds
+    declared = {c.case_id for c in cases if c.norm in certified.out}
+    buffers = {c.case_id for c in record.checks if (c.kind, c.output) == ("contract", "out")}
+    assert buffers == declared, "provided-buffer checks, where out= is declared"
+    assert any(c.output == "output (out=)" for c in record.checks)

@@ -40,6 +40,12 @@ Layouts. Strided inputs are read in place where the normalised dims collapse to 
 (and the others to one more): row- or column-strided views, expanded gradients, channels-last
 GroupNorm inputs. Other layouts are copied to contiguous first. Outputs are contiguous, except
 that GroupNorm's keep a dense input's layout (channels-last stays channels-last).
+
+Provided buffers. The trailing norms (``layer_norm``, ``rms_norm``, ``deep_norm``, the fused
+adds) take a keyword ``out=``: a tensor like the input (the fused adds: the tuple ``(output,
+residual_out)``), written by the kernel and returned itself (``normconf_out``). As torch's
+``out=`` variants, these calls build no autograd graph and refuse arguments that require grad
+while grad mode is on.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ normconf_name = "triton (normconf kernels)"
 normconf_devices = runtime.DEVICES
 normconf_dtypes = ("float32", "float16", "bfloat16")
 normconf_reduction = "tree"
+normconf_out = ("layer_norm", "rms_norm", "deep_norm", "fused_add_rms_norm", "fused_add_layer_norm")
 normconf_conventions: dict[str, dict[str, object]] = {
     "deep_norm": {"add_rounding": "dtype"},
     "fused_add_rms_norm": {"add_rounding": "dtype"},
@@ -90,9 +97,12 @@ def layer_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` over the trailing dims."""
-    return layer_norm_with_stats(input, normalized_shape, weight, bias, eps)[0]
+    norm, given = RowNorm(center=True), None if out is None else (out,)
+    return normalize_rows(norm, input, None, normalized_shape, weight, bias, eps, given).output
 
 
 def rms_norm_with_stats(
@@ -112,9 +122,13 @@ def rms_norm(
     normalized_shape: int | Sequence[int],
     weight: Tensor | None = None,
     eps: float | None = None,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the trailing dims."""
-    return rms_norm_with_stats(input, normalized_shape, weight, eps)[0]
+    norm, given = RowNorm(center=False), None if out is None else (out,)
+    r = normalize_rows(norm, input, None, normalized_shape, weight, None, rms_eps(eps), given)
+    return r.output
 
 
 def group_norm_with_stats(
@@ -147,10 +161,14 @@ def deep_norm(
     bias: Tensor | None = None,
     alpha: float = 1.0,
     eps: float = 1e-5,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``layer_norm(alpha * input + sublayer_output)``, the sum rounded into the dtype."""
     norm = RowNorm(center=True, summand="sublayer_output", alpha=float(alpha))
-    return normalize_rows(norm, input, sublayer_output, normalized_shape, weight, bias, eps).output
+    given = None if out is None else (out,)
+    r = normalize_rows(norm, input, sublayer_output, normalized_shape, weight, bias, eps, given)
+    return r.output
 
 
 def fused_add_rms_norm(
@@ -161,10 +179,11 @@ def fused_add_rms_norm(
     eps: float | None = None,
     *,
     alpha: float = 1.0,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(rms_norm(z), z)`` with ``z = input + alpha * residual`` rounded into the dtype."""
     norm = RowNorm(center=False, summand="residual", alpha=float(alpha))
-    r = normalize_rows(norm, input, residual, normalized_shape, weight, None, rms_eps(eps))
+    r = normalize_rows(norm, input, residual, normalized_shape, weight, None, rms_eps(eps), out)
     assert r.residual is not None
     return r.output, r.residual
 
@@ -178,9 +197,10 @@ def fused_add_layer_norm(
     eps: float = 1e-5,
     *,
     alpha: float = 1.0,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(layer_norm(z), z)`` with ``z = input + alpha * residual`` rounded into the dtype."""
     norm = RowNorm(center=True, summand="residual", alpha=float(alpha))
-    r = normalize_rows(norm, input, residual, normalized_shape, weight, bias, eps)
+    r = normalize_rows(norm, input, residual, normalized_shape, weight, bias, eps, out)
     assert r.residual is not None
     return r.output, r.residual

@@ -9,7 +9,8 @@ which is the references' ``weight_offset=1.0``; the kernels of :mod:`impls.trito
 their ``weight_offset`` argument (``w' = w + weight_offset`` in float32; the weight gradient is
 unchanged, ``sum dy * x_hat``, and the input gradient uses ``w'``). Without a weight the scale
 is 1, as in the references. Only ``rms_norm`` and ``fused_add_rms_norm`` (and
-``rms_norm_with_stats``); devices, dtypes, numerics and everything else as :mod:`impls.triton`.
+``rms_norm_with_stats``); devices, dtypes, numerics, ``out=`` and everything else as
+:mod:`impls.triton`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from impls.triton.rows import RowNorm, normalize_rows
 WEIGHT_OFFSET = 1.0
 
 normconf_name = "triton (Gemma RMSNorm, 1 + w)"
+normconf_out = True
 normconf_conventions: dict[str, dict[str, object]] = {
     "rms_norm": {"weight_offset": WEIGHT_OFFSET},
     "fused_add_rms_norm": {"weight_offset": WEIGHT_OFFSET, "add_rounding": "dtype"},
@@ -35,6 +37,7 @@ __all__ = [
     "normconf_devices",
     "normconf_dtypes",
     "normconf_name",
+    "normconf_out",
     "normconf_reduction",
     "rms_norm",
     "rms_norm_with_stats",
@@ -58,9 +61,14 @@ def rms_norm(
     normalized_shape: int | Sequence[int],
     weight: Tensor | None = None,
     eps: float | None = None,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``x / sqrt(mean(x^2) + eps) * (1 + weight)`` over the trailing dims."""
-    return rms_norm_with_stats(input, normalized_shape, weight, eps)[0]
+    norm = RowNorm(center=False, weight_offset=WEIGHT_OFFSET)
+    given = None if out is None else (out,)
+    r = normalize_rows(norm, input, None, normalized_shape, weight, None, rms_eps(eps), given)
+    return r.output
 
 
 def fused_add_rms_norm(
@@ -71,12 +79,13 @@ def fused_add_rms_norm(
     eps: float | None = None,
     *,
     alpha: float = 1.0,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(rms_norm(z), z)`` with Gemma's ``1 + weight`` and ``z = input + alpha * residual``
     rounded into the dtype."""
     norm = RowNorm(
         center=False, summand="residual", alpha=float(alpha), weight_offset=WEIGHT_OFFSET
     )
-    r = normalize_rows(norm, input, residual, normalized_shape, weight, None, rms_eps(eps))
+    r = normalize_rows(norm, input, residual, normalized_shape, weight, None, rms_eps(eps), out)
     assert r.residual is not None
     return r.output, r.residual

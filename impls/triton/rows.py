@@ -5,6 +5,11 @@ Strided inputs are read in place when the trailing dimensions collapse into one 
 and the leading ones into one row stride (``Tensor.reshape`` returns a view: contiguous tensors,
 a slice with a last-dimension step, expanded gradients); any other layout is copied to
 contiguous first. Outputs and gradients are contiguous.
+
+``out=``: the forward alone, without an autograd graph, written into the caller's buffers (the
+output, and ``z`` for the fused adds) and returned, as torch's ``out=`` variants do; like them it
+refuses arguments that require grad while grad mode is on. Contiguous buffers are written by the
+kernel itself; any other layout receives a copy.
 """
 
 from __future__ import annotations
@@ -109,11 +114,15 @@ def launch_forward(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
+    into: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """``(y, z, mean, rstd)`` for a 2-D ``x`` (and summand); ``z`` None without a summand."""
+    """``(y, z, mean, rstd)`` for a 2-D ``x`` (and summand); ``z`` None without a summand.
+    ``into``: contiguous 2-D tensors like ``x`` to write ``y`` and ``z`` into (None: new ones)."""
     m, n = x.shape
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    z = torch.empty_like(y) if other is not None else None
+    y = into[0] if into[0] is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    z = None
+    if other is not None:
+        z = into[1] if into[1] is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if m == 0 or n == 0:
@@ -344,8 +353,10 @@ def normalize_rows(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
+    out: Sequence[Tensor] | None = None,
 ) -> RowResult:
-    """Run ``norm`` over the trailing ``normalized_shape`` dims of ``input``."""
+    """Run ``norm`` over the trailing ``normalized_shape`` dims of ``input``; with ``out``
+    (the output's buffer, and z's for the fused adds), the forward alone, written there."""
     check_tensor(input, "input")
     k = _trailing_count(input, normalized_shape)
     params = input.shape[input.dim() - k :]
@@ -357,8 +368,12 @@ def normalize_rows(
             )
     _check_parameter(weight, "weight", params)
     _check_parameter(bias, "bias", params)
-    results = RowNormFunction.apply(norm, k, float(eps), input, other, weight, bias)
-    *outputs, mean, rstd = results
+    if out is not None:
+        *outputs, mean, rstd = _forward_into(norm, k, float(eps), (input, other, weight, bias), out)
+    else:
+        *outputs, mean, rstd = RowNormFunction.apply(
+            norm, k, float(eps), input, other, weight, bias
+        )
     stats_shape = (*input.shape[: input.dim() - k], *([1] * k))
     return RowResult(
         outputs[0],
@@ -366,3 +381,55 @@ def normalize_rows(
         mean.view(stats_shape),
         rstd.view(stats_shape),
     )
+
+
+def _check_out(norm: RowNorm, input: Tensor, out: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The ``out=`` buffers, checked against what the call writes; one line when wrong."""
+    wanted = ("output", "residual_out") if norm.returns_sum else ("output",)
+    if isinstance(out, Tensor) or len(out) != len(wanted):
+        what = type(out).__name__ + ("" if isinstance(out, Tensor) else f" of {len(out)}")
+        raise TypeError(f"out= must be the tuple ({', '.join(wanted)}), got a {what}")
+    for name, buffer in zip(wanted, out, strict=True):
+        if not isinstance(buffer, Tensor):
+            raise TypeError(f"out= {name}: a {type(buffer).__name__}, not a torch.Tensor")
+        if (buffer.shape, buffer.dtype, buffer.device) != (input.shape, input.dtype, input.device):
+            raise ValueError(
+                f"out= {name} is {list(buffer.shape)} {buffer.dtype} on {buffer.device}; expected "
+                f"the input's {list(input.shape)} {input.dtype} on {input.device}"
+            )
+    return tuple(out)
+
+
+def _forward_into(
+    norm: RowNorm,
+    k: int,
+    eps: float,
+    arguments: tuple[Tensor, Tensor | None, Tensor | None, Tensor | None],
+    out: Sequence[Tensor],
+) -> tuple[Tensor, ...]:
+    """``(output, [z,] mean, rstd)``, the output (and z) written into ``out``'s own tensors."""
+    input, other, weight, bias = arguments
+    buffers = _check_out(norm, input, out)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*arguments, *buffers)
+    ):
+        raise RuntimeError(
+            "functions with out= do not support automatic differentiation, but an argument "
+            "requires grad: call without out=, or under torch.no_grad()"
+        )
+    direct = all(b.is_contiguous() for b in buffers)
+    into = [as_rows(b, k) if direct else None for b in buffers]
+    y, z, mean, rstd = launch_forward(
+        norm,
+        as_rows(input, k),
+        as_rows(other, k) if other is not None else None,
+        _vector(weight),
+        _vector(bias),
+        eps,
+        (into[0], into[1] if len(into) > 1 else None),
+    )
+    if not direct:
+        for buffer, result in zip(buffers, (y, z), strict=False):
+            assert result is not None
+            buffer.copy_(result.view(buffer.shape))
+    return (*buffers, mean, rstd)
