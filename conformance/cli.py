@@ -158,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the run's report directory (default: the current directory)",
     )
-    p.add_argument("--adapter", metavar="SPEC", help="another adapter than the run's")
+    p.add_argument(
+        "--adapter",
+        metavar="SPEC",
+        help="the adapter to run (default: the run's, when a built-in; any other must be named)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's")
     _isolation_options(p)
     r = commands.add_parser(
@@ -469,7 +473,7 @@ def replay_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     run = stream.run
-    spec = args.adapter or str(run["adapter"]["spec"])
+    spec = args.adapter or _recorded_builtin(str(run["adapter"]["spec"]), args.dir)
     adapter = load_adapter(spec)
     device = resolve_device(adapter, args.device or str(run["hardware"].get("device", "auto")))
     earlier = stream.cases.get(args.case_id, [])
@@ -491,6 +495,19 @@ def replay_command(args: argparse.Namespace) -> int:
             print(printable(result.message, 200))
     failed = any(r.verdict == "fail" for r in results)
     return EXIT_FAIL if failed else EXIT_PASS
+
+
+def _recorded_builtin(spec: str, directory: Path) -> str:
+    """The adapter a run's record names, when it is a built-in: a report directory is data, and
+    replaying it must not import code it points to (a file, a module) unless the user names it."""
+    from impls.registry import BUILTINS
+
+    if spec not in BUILTINS:
+        raise UsageError(
+            f"the run in {directory} certified adapter {spec!r}; normconf runs an adapter's code "
+            f"only when you name it: add --adapter {shlex.quote(spec)}"
+        )
+    return spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -174,8 +174,9 @@ def test_a_crashing_case_replays_in_a_worker_of_its_own(tmp_path: Path) -> None:
     segfault = ZOO_RUNS[0]
     crashing = replace(segfault, cases=segfault.broken[:1])
     assert _certify(crashing, tmp_path / "run") == 1
-    code = main(["replay", crashing.cases[0], "--dir", str(tmp_path / "run")])
-    assert code == 1  # the replay reports the crash; this process survived it
+    replay = ["replay", crashing.cases[0], "--dir", str(tmp_path / "run")]
+    assert main(replay) == 2, "replayed adapter code the user did not name"
+    assert main([*replay, "--adapter", _spec(crashing.name)]) == 1  # the crash, reported
 
 
 def test_a_hang_in_the_speed_battery_fails_that_timing_and_the_battery_goes_on() -> None:

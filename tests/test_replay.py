@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,25 @@ def test_replay_of_a_case_without_saved_inputs_is_one_line(failed_run: Path) -> 
     assert run.returncode == 2
     assert "no saved inputs for this case" in run.stderr
     assert run.stderr.count("\n") == 1
+
+
+def test_replay_runs_no_adapter_code_a_report_directory_names_unless_told(
+    failed_run: Path, tmp_path: Path
+) -> None:
+    """A report directory is data: one whose record points at a file of code does not get it
+    imported by replay until the user names that adapter."""
+    planted = tmp_path / "planted.py"
+    witness = tmp_path / "imported"
+    planted.write_text(f"open({str(witness)!r}, 'w').close()\nlayer_norm = None\n")
+    forged = tmp_path / "forged"
+    shutil.copytree(failed_run, forged)
+    stream = forged / "results.jsonl"
+    lines = stream.read_text().splitlines()
+    head = json.loads(lines[0])
+    head["adapter"]["spec"] = str(planted)
+    stream.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    case_id = next(p.stem for p in (forged / "inputs").glob("*.npz"))
+    run = _normconf("replay", case_id, "--dir", str(forged))
+    assert run.returncode == 2
+    assert f"add --adapter {planted}" in run.stderr
+    assert not witness.exists(), "replay imported the file the report named"
