@@ -486,7 +486,11 @@ def replay_command(args: argparse.Namespace) -> int:
         lambda c: reproduction_command(c.case_id, spec, int(run["seed"]), ["--device", device]),
     )
     results = replay(target, case, inputs, timeout=_timeout(args), seed=int(run["seed"]))
-    print(f"replay of {case.case_id} on {adapter.name} ({device}), inputs from {args.dir}")
+    print(
+        printable(
+            f"replay of {case.case_id} on {adapter.name} ({device}), inputs from {args.dir}", 300
+        )
+    )
     for result in results:
         print(f"\n[{result.kind} {result.output}] {result.verdict.upper()}")
         if result.verdict == "fail":
@@ -524,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return replay_command(args)
         raise UsageError(f"unknown command {args.command!r}")
     except (UsageError, AdapterError) as exc:
-        print(f"normconf: error: {exc}", file=sys.stderr)
+        print(f"normconf: error: {printable(str(exc), 1000)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("normconf: interrupted", file=sys.stderr)

@@ -344,7 +344,7 @@ def render_merged_markdown(document: dict[str, Any]) -> str:
         cells = []
         for cell in row["cells"]:
             label = report_markdown.OUTCOME_LABELS.get(cell["outcome"], escape(cell["outcome"]))
-            cells.append(" · ".join([label, *_speed_words(cell["speed"])]))
+            cells.append(" · ".join([label, *map(escape, _speed_words(cell["speed"]))]))
         lines.append(f"| {escape(row['norm'])} | {escape(row['dtype'])} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 

@@ -74,7 +74,9 @@ def failure_message(check: CheckResult, *, include_reproduction: bool = True) ->
     Metric lines first (when the check has metrics), then the check's own ``message`` when it
     adds something, then ``Diagnosis:`` and ``Reproduce:``. The first line alone is a fair
     one-line summary (JUnit's ``message`` attribute uses it). Reports that show the
-    reproduction separately pass ``include_reproduction=False``.
+    reproduction separately pass ``include_reproduction=False``. The message, the diagnosis and
+    the command (whose adapter spec is a path the adapter's author chose) pass through
+    :func:`visible`, so the text is safe to print to a terminal.
     """
     lines: list[str] = []
     if check.metrics is not None:
@@ -86,7 +88,7 @@ def failure_message(check: CheckResult, *, include_reproduction: bool = True) ->
     if check.diagnosis:
         lines.append(f"Diagnosis: {visible(check.diagnosis)}")
     if include_reproduction and check.reproduce:
-        lines.append(f"Reproduce: {check.reproduce}")
+        lines.append(f"Reproduce: {visible(check.reproduce)}")
     return "\n".join(lines)
 
 

@@ -7,9 +7,11 @@ whose text is the full :func:`~conformance.messages.failure_message`; a skipped 
 ``<skipped message="...">``. Counts (``tests``, ``failures``, ``errors``, ``skipped``) and
 times are totalled on every suite and on the root ``<testsuites>``.
 
-The XML is built with :mod:`xml.etree.ElementTree`, which escapes markup; characters that
-XML 1.0 cannot hold at all (most C0 controls, lone surrogates) are replaced first, since an
-adapter's exception text may contain them and one such character makes the file unreadable.
+The XML is built with :mod:`xml.etree.ElementTree`, which escapes markup. Every string goes
+through :func:`xml_text` first: an adapter's name, its spec and its exception texts may hold
+characters that XML 1.0 cannot hold at all (most C0 controls, lone surrogates; one of them makes
+the file unreadable) or that drive a terminal or reorder text where a CI system shows it (ANSI
+escapes, bidi overrides), and each of those is written as its escape instead.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
-from conformance.messages import failure_message, first_line
+from conformance.messages import failure_message, first_line, visible
 from conformance.results import CheckResult, RunRecord
 from conformance.summary import NORM_ORDER, ordered
 
@@ -28,8 +30,10 @@ _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010fff
 
 
 def xml_text(text: object) -> str:
-    """``text`` with every character XML 1.0 cannot represent replaced by U+FFFD."""
-    return _NOT_XML_CHAR.sub("\ufffd", str(text))
+    """``text`` for an XML attribute or element: control and format characters other than
+    newline and tab written as escapes (:func:`~conformance.messages.visible`), and anything
+    else XML 1.0 cannot represent replaced by U+FFFD."""
+    return _NOT_XML_CHAR.sub("\ufffd", visible(str(text)))
 
 
 def render_junit(record: RunRecord) -> str:

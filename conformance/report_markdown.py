@@ -5,11 +5,13 @@ software, seed, timing, command); the norm x dtype matrix of worst grades (the r
 :mod:`conformance.summary`); a table per check kind; then every failure, grouped by norm, with
 its :func:`~conformance.messages.failure_message` and its reproduction command.
 
-Every string in a report may come from the adapter under test (its name, exception texts,
-diagnoses built from its output), so none is trusted as markup: inline text goes through
-:func:`escape` (HTML-significant characters become entities, Markdown punctuation is
-backslash-escaped, line breaks and control characters cannot start a new block) and multi-line
-text goes into fenced code blocks whose fence is longer than any backtick run inside.
+Every string in a report may come from the adapter under test (its name, its spec, exception
+texts, diagnoses built from its output) or from a ``report.json`` written elsewhere, so none is
+trusted as markup: inline text goes through :func:`escape` (HTML-significant characters become
+entities, Markdown punctuation is backslash-escaped, line breaks become spaces, a block marker
+at its start is escaped, and control and format characters, ANSI escapes and bidi overrides
+among them, are written as escapes by :func:`~conformance.messages.visible`), and multi-line
+text goes into :func:`code_block`, whose fence is longer than any backtick run inside.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from conformance.messages import failure_message, grade_words, is_control
+from conformance.messages import failure_message, grade_words, visible
 from conformance.results import CheckResult, RunRecord
 from conformance.summary import (
     NORM_ORDER,
@@ -45,29 +47,40 @@ OUTCOME_LABELS = {
 
 _ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 # Characters that open or close inline constructs: code spans, emphasis, links and images,
-# table cells, strikethrough, GitHub's math. Block-level markers (#, -, 1.) need no escape
-# because escaped text never starts a line. A backslash before ASCII punctuation is a literal.
+# table cells, strikethrough, GitHub's math. A backslash before ASCII punctuation is a literal.
 _BACKSLASHED = frozenset("\\`*_[]|~$")
+# What starts a block when a line begins with it: a heading, a bullet, a setext underline or a
+# thematic break (#, +, -, =), an ordered list item (1. or 1) then a space). Some escaped text
+# is placed at the start of a line, so its first marker is escaped.
+_BLOCK_START = re.compile(r"^( {0,3})([#+=-]|\d{1,9}[.)](?= |$))")
 
 
 def escape(text: object) -> str:
-    """``text`` as inline Markdown that renders literally and stays on one line."""
+    """``text`` as inline Markdown that renders literally, wherever on a line it is placed, and
+    stays on one line: line breaks become spaces, other control and format characters read as
+    their escapes (``\\x1b``, ``\\u202e``), as in :func:`~conformance.messages.visible`."""
     out = []
-    for ch in str(text):
+    for ch in visible(str(text)):
         if ch in _ENTITIES:
             out.append(_ENTITIES[ch])
         elif ch in _BACKSLASHED:
             out.append("\\" + ch)
-        elif ch in "\t\r\n" or is_control(ch):
+        elif ch in "\t\n":
             out.append(" ")
         else:
             out.append(ch)
-    return "".join(out)
+    return _BLOCK_START.sub(_escape_marker, "".join(out), count=1)
+
+
+def _escape_marker(match: re.Match[str]) -> str:
+    indent, marker = match.groups()
+    return f"{indent}{marker[:-1]}\\{marker[-1]}"
 
 
 def code_block(text: str, info: str = "") -> str:
-    """``text`` in a fenced code block that nothing inside it can close."""
-    clean = "".join(ch if ch in "\n\t" or not is_control(ch) else "\ufffd" for ch in text)
+    """``text`` in a fenced code block that nothing inside it can close; control and format
+    characters other than newline and tab read as their escapes (:func:`visible`)."""
+    clean = visible(text)
     longest = max((len(run) for run in re.findall(r"`+", clean)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}{info}\n{clean}\n{fence}"
@@ -128,7 +141,7 @@ def _speed(record: RunRecord) -> str:
         mark = "✅" if r.verdict == "pass" else "❌"
         rows.append(
             [
-                f"`{escape(r.speed_id)}`",
+                escape(r.speed_id),
                 _seconds(r.median_s),
                 f"{_seconds(r.p25_s)} to {_seconds(r.p75_s)}",
                 _gbps(r.gbps),
@@ -140,7 +153,7 @@ def _speed(record: RunRecord) -> str:
     failed = [r for r in record.speed if r.verdict == "fail"]
     body = "\n".join(lines) + "\n\n" + _table(header, rows)
     if failed:
-        reasons = "\n".join(f"- `{escape(r.speed_id)}`: {escape(r.message)}" for r in failed)
+        reasons = "\n".join(f"- {escape(r.speed_id)}: {escape(r.message)}" for r in failed)
         body += f"\n\nWhy each failed timing fails:\n\n{reasons}"
     return body
 
