@@ -174,6 +174,11 @@ class Isolated:
         self._busy = False  # a request is in flight: closing must not wait for its answer
         self._scratch = Path(tempfile.mkdtemp(prefix="normconf-worker-"))
 
+    @property
+    def pid(self) -> int | None:
+        """The running worker's process id (None before the first request)."""
+        return None if self._process is None else int(self._process.pid)
+
     def __enter__(self) -> Isolated:
         return self
 
@@ -225,27 +230,43 @@ class Isolated:
     # -- the watchdog
 
     def _ask(self, request: tuple[Any, ...]) -> Any:
-        if self._process is None:
-            self._start()
-        self._conn.send(request)
-        self._busy = True
-        try:
-            return self._await()
-        finally:
-            self._busy = False
+        """Send ``request`` and wait for its answer. A worker that dies before it acknowledges
+        the request died idle (a native thread the adapter left behind, faulting after its call
+        returned): the request goes to a fresh worker, once, and the death is not its fault."""
+        for attempt in (1, 2):
+            if self._process is None:
+                self._start()
+            self._busy = True
+            try:
+                with contextlib.suppress(OSError):  # a dead reader: found by the wait below
+                    self._conn.send(request)
+                answer = self._await()
+            finally:
+                self._busy = False
+            if not isinstance(answer, _Idle):
+                return answer
+            if attempt == 2:
+                return answer.death
+        raise AssertionError("unreachable")
 
     def _await(self) -> Any:
+        acknowledged = False
         while True:
             if self._conn.poll(_POLL_S):
                 try:
                     kind, payload = self._conn.recv()
                 except (EOFError, OSError):
-                    return self._died()
+                    death = self._died()
+                    return death if acknowledged else _Idle(death)
+                if kind == "started":
+                    acknowledged = True
+                    continue
                 if kind == "retire":  # a CUDA error: the answer stands, the process does not
                     self._kill()
                 return payload
             if not self._process.is_alive():
-                return self._died()
+                death = self._died()
+                return death if acknowledged else _Idle(death)
             calling = watch.read(self._shared)
             if calling is not None and time.monotonic() - calling[1] > self.timeout:
                 return self._hung(calling[0])
@@ -353,6 +374,13 @@ class _Death:
         return f"the worker process exited with status {self.code} {where}"
 
 
+@dataclass(frozen=True)
+class _Idle:
+    """A worker that died before it took up the request it was sent."""
+
+    death: _Death
+
+
 def _innermost_frames(text: str, limit: int = 8) -> str:
     """faulthandler's dump cut to the first thread's innermost frames (it prints the most recent
     call first), up to the first frame of the suite's own code: where in the adapter it was."""
@@ -399,6 +427,7 @@ def serve(conn: Any, shared: Any, plan: Plan, trace_path: str) -> None:
             return  # the parent is gone
         if request[0] == "stop":
             return
+        conn.send(("started", None))
         answer = _answer(request, target, baseline, plan)
         conn.send(("retire" if _cuda_broken(plan.device, answer) else "done", answer))
 

@@ -22,7 +22,7 @@ from conformance.cli import main
 from conformance.engine import select_cases
 from conformance.speed import Thresholds, run_speed, speed_cases
 from conformance.stream import read_stream
-from conformance.worker import open_runner
+from conformance.worker import Isolated, Plan, open_runner
 from impls.loader import load_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,3 +286,18 @@ def test_ctrl_c_stops_a_hung_run_at_once_and_keeps_what_finished(tmp_path: Path)
     assert process.stderr is not None
     assert b"normconf: interrupted" in process.stderr.read()
     assert list(read_stream(tmp_path / "run").cases) == [GOOD[0]]
+
+
+def test_a_worker_that_died_between_cases_is_replaced_before_the_next() -> None:
+    """A worker can die idle (a native thread the adapter left behind faults after its call
+    returned): the next case must run in a fresh worker, not be blamed for the death."""
+    first, second = (select_cases(norms=["layer_norm"], dtypes=["float32"], quick=True))[:2]
+    with Isolated(Plan("torch", "cpu", None), HANG_TIMEOUT_S) as worker:
+        assert all(r.verdict == "pass" for r in worker.run_case(first))
+        os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(worker.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        results = worker.run_case(second)
+        assert all(r.verdict == "pass" for r in results), [r.message for r in results]
+        assert worker.restarts == 1
