@@ -17,12 +17,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from conformance import bounds, buffers, fingerprint, metrics, tolerance, watch
+from conformance import bounds, buffers, fingerprint, metrics, tolerance
+from conformance.calls import (
+    CallOutcome,
+    backpropagate,
+    bitwise_equal,
+    call_adapter,
+    first_line,
+    subclass_problem,
+)
 from conformance.cases import Case
 from conformance.expected import Expected, expected
 from conformance.inputs import (
@@ -31,13 +39,9 @@ from conformance.inputs import (
     build_inputs,
     round_into,
     to_numpy,
-    to_tensor,
-    torch_dtype,
 )
 from conformance.results import CheckResult
-from conformance.specs import call_arguments, call_keywords, spec
-
-_DIFFERENTIABLE = ("input", "weight", "bias", "residual", "sublayer_output")
+from conformance.specs import spec
 
 #: The tolerance bound of each output, given the case's model.
 Graders = dict[str, Callable[[bounds.CaseModel], np.ndarray]]
@@ -54,18 +58,6 @@ class Target:
 
     def convention(self, norm: str) -> dict[str, Any]:
         return spec(norm).convention(self.conventions.get(norm, {}))
-
-
-@dataclass
-class CallOutcome:
-    """What the adapter returned for one call, as float64 arrays, or why there is nothing."""
-
-    values: dict[str, np.ndarray] = field(default_factory=dict)
-    tensors: dict[str, Any] = field(default_factory=dict)
-    leaves: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    dtypes: dict[str, str] = field(default_factory=dict)
-    raised: bool = False
 
 
 class _Recorder:
@@ -109,13 +101,28 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
     """Every check of ``case`` for ``target``; never raises for an adapter's misbehaviour.
 
     ``inputs`` replaces the inputs drawn from the case's seed (hypothesis supplies its own).
+    Where the checks cannot go on (the suite's own error, or a device that an earlier call into
+    the adapter left broken), the checks done so far stand and one failed check says why.
     """
+    rec = _Recorder(case, target, target.convention(case.norm))
+    try:
+        _run_checks(rec, target, case, inputs)
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {first_line(exc)}"
+        if "CUDA error" in why:
+            why += " (a CUDA error an earlier call into the adapter left behind)"
+        rec.add("contract", "call", "fail", message=f"the checks of this case stopped: {why}")
+    return rec.results
+
+
+def _run_checks(
+    rec: _Recorder, target: Target, case: Case, inputs: CaseInputs | None = None
+) -> None:
     adapter, norm = target.adapter, case.norm
-    rec = _Recorder(case, target, target.convention(norm))
     if not adapter.supports(norm, case.dtype, target.device):
         why = f"{adapter.name} does not declare {norm} in {case.dtype} on {target.device}"
         rec.add("forward", "call", "skip", message=why)
-        return rec.results
+        return
     inputs = build_inputs(case) if inputs is None else inputs
     want_backward = bool(adapter.backward.get(norm, False))
     inplace = bool(getattr(adapter, "inplace", False))
@@ -124,7 +131,7 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
     )
     _contract(rec, inputs, outcome)
     if "output" not in outcome.values:
-        return rec.results
+        return
     exp = expected(inputs, rec.convention, backward=want_backward)
     model = bounds.case_model(
         inputs,
@@ -152,7 +159,6 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
     _determinism(rec, adapter, inputs, outcome, target.device, want_backward and kind == "forward")
     if norm in getattr(adapter, "out", ()):
         _provided_buffers(rec, adapter, inputs, exp, model, graders, target.device, kind)
-    return rec.results
 
 
 def _case_kappa(model: bounds.CaseModel) -> float | None:
@@ -161,137 +167,6 @@ def _case_kappa(model: bounds.CaseModel) -> float | None:
     if kappa.size == 0 or not np.isfinite(kappa).all():
         return None
     return float(kappa.max())
-
-
-def call_adapter(
-    fn: Callable[..., Any],
-    inputs: CaseInputs,
-    device: str,
-    grad: bool,
-    returns: tuple[str, ...] | None = None,
-    *,
-    inplace: bool = False,
-    out: Any = None,
-    stage: str = "forward call",
-) -> CallOutcome:
-    """Call ``fn`` on fresh tensors; record the outputs, the leaves and any contract problem.
-
-    ``inplace``: the adapter declares that its fused add-norms update ``residual`` in place
-    with the new residual (``normconf_inplace``); the call must then leave in ``residual``
-    exactly what it returns as ``residual_out``, and only that output may share its memory.
-    ``out``: passed on as the keyword ``out=`` (the provided-buffer check), unless None.
-    """
-    import torch
-
-    case, outcome = inputs.case, CallOutcome()
-    s = spec(case.norm)
-    for name, array in inputs.arrays.items():
-        if array is None:
-            continue
-        layout = case.layout if name in ("input", "residual", "sublayer_output") else "contiguous"
-        needs_grad = grad and name in _DIFFERENTIABLE
-        outcome.leaves[name] = to_tensor(array, device, layout, needs_grad)
-    before = {k: t.detach().clone() for k, t in outcome.leaves.items()}
-    args = call_arguments(case.norm, {**inputs.arrays, **outcome.leaves}, inputs.params)
-    keywords = call_keywords(case.norm, inputs.params)
-    if out is not None:
-        keywords["out"] = out
-    try:
-        with watch.calling(stage):
-            result = fn(*args, **keywords)
-            _settle(device)
-    except Exception as exc:  # the adapter's failure is a finding, not ours
-        outcome.problems.append(f"raised {type(exc).__name__}: {first_line(exc)}")
-        outcome.raised = True
-        return outcome
-    names = returns or (("output", "residual_out") if s.fused else ("output",))
-    returned = result if len(names) > 1 else (result,)
-    if len(names) > 1 and (not isinstance(result, tuple | list) or len(result) != len(names)):
-        outcome.problems.append(f"returned {type(result).__name__}; expected ({', '.join(names)})")
-        return outcome
-    for name, value in zip(names, returned, strict=True):
-        if name in ("mean", "rstd"):
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                outcome.problems.append(f"{name}: a {type(value).__name__}, not a torch.Tensor")
-                continue
-            outcome.values[name] = to_numpy(value)
-            outcome.dtypes[name] = str(value.dtype).removeprefix("torch.")
-            continue
-        problem = _tensor_problem(value, case, device)
-        if problem:
-            outcome.problems.append(f"{name}: {problem}")
-            continue
-        outcome.tensors[name] = value
-        outcome.values[name] = to_numpy(value)
-    in_place = inplace and s.fused
-    _aliasing_problems(outcome, in_place)
-    _mutation_problems(outcome, before, case, in_place)
-    return outcome
-
-
-def _shares_memory(a: Any, b: Any) -> bool:
-    """Whether two tensors are views of one storage."""
-    left, right = a.untyped_storage(), b.untyped_storage()
-    return bool(left.nbytes() and left.data_ptr() == right.data_ptr())
-
-
-def _aliasing_problems(out: CallOutcome, in_place: bool) -> None:
-    """An output that shares memory with an argument (only the declared in-place residual of
-    a fused add-norm may)."""
-    for name, tensor in out.tensors.items():
-        for leaf, argument in out.leaves.items():
-            if in_place and (name, leaf) == ("residual_out", "residual"):
-                continue
-            if _shares_memory(tensor, argument):
-                out.problems.append(
-                    f"{name} shares memory with its argument {leaf!r} (declare "
-                    "normconf_inplace only for a fused add-norm's residual)"
-                )
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, cut to 300 characters."""
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
-
-
-def _tensor_problem(value: Any, case: Case, device: str) -> str | None:
-    import torch
-
-    if not isinstance(value, torch.Tensor):
-        return f"returned a {type(value).__module__}.{type(value).__name__}, not a torch.Tensor"
-    if tuple(value.shape) != case.shape:
-        return f"shape {tuple(value.shape)}, expected {case.shape}"
-    if value.dtype != torch_dtype(case.dtype):
-        return f"dtype {value.dtype}, expected torch.{case.dtype}"
-    if value.device.type != torch.device(device).type:
-        return f"on device {value.device}, expected {device}"
-    return None
-
-
-def _mutation_problems(
-    out: CallOutcome, before: Mapping[str, Any], case: Case, in_place: bool = False
-) -> None:
-    import torch
-
-    for name, original in before.items():
-        if name in ("running_mean", "running_var") and case.norm == "batch_norm" and case.training:
-            continue  # updated in place by contract when training
-        if in_place and name == "residual":
-            returned = out.tensors.get("residual_out")
-            if returned is not None and not _bitwise_equal(out.leaves[name], returned):
-                out.problems.append(
-                    "declares normconf_inplace, but 'residual' does not hold the residual_out "
-                    "it returned"
-                )
-            continue
-        now = out.leaves[name].detach()
-        if not torch.equal(torch.nan_to_num(now), torch.nan_to_num(original)) or not torch.equal(
-            now.isnan(), original.isnan()
-        ):
-            out.problems.append(f"changed its argument {name!r} in place")
 
 
 def _contract(rec: _Recorder, inputs: CaseInputs, outcome: CallOutcome) -> None:
@@ -448,9 +323,11 @@ def _backward(
     model: bounds.CaseModel,
     device: str,
 ) -> None:
+    import torch
+
     try:
         backpropagate(outcome, inputs, device)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         rec.add(
             "backward",
             "call",
@@ -471,6 +348,9 @@ def _backward(
         tensor = outcome.leaves[leaf].grad
         if tensor is None:
             rec.add("backward", name, "fail", message=f"{name}: autograd gave no gradient")
+            continue
+        if type(tensor) is not torch.Tensor:
+            rec.add("backward", name, "fail", message=f"{name}: {subclass_problem(tensor)}")
             continue
         outcome.values[name] = to_numpy(tensor)
 
@@ -513,7 +393,7 @@ def _determinism(
     if backward and gradients:
         try:
             backpropagate(again, inputs, device, stage="determinism backward pass")
-        except Exception as exc:  # the first backward succeeded: a second one must too
+        except (Exception, SystemExit) as exc:  # the first backward succeeded: a second must too
             rec.add(
                 "determinism",
                 "call",
@@ -523,7 +403,7 @@ def _determinism(
             return
     pairs = [(name, first.tensors[name], again.tensors.get(name)) for name in first.tensors]
     pairs += [(f"grad_{leaf}", g, again.leaves[leaf].grad) for leaf, g in gradients.items()]
-    differing = [name for name, a, b in pairs if not _bitwise_equal(a, b)]
+    differing = [name for name, a, b in pairs if not bitwise_equal(a, b)]
     forward_differs = [name for name in differing if not name.startswith("grad_")]
     if not differing:
         rec.add(
@@ -587,48 +467,6 @@ def _provided_buffers(
         found, label = CallOutcome(values={name: actual}), f"{name} (out=)"
         grader, cause = graders[name], left[name]
         _compare(rec, kind, name, found, exp, grader, inputs, model, label=label, cause=cause)
-
-
-def backpropagate(
-    outcome: CallOutcome, inputs: CaseInputs, device: str, stage: str = "backward pass"
-) -> None:
-    """Autograd from a call's outputs (the output, and the new residual of the add-norms)
-    with the case's upstream gradients into the call's leaves."""
-    import torch
-
-    grads = {k: to_tensor(v, device) for k, v in inputs.grads.items() if v is not None}
-    outputs = [outcome.tensors["output"]]
-    upstream = [grads["grad_output"]]
-    if "residual_out" in outcome.tensors and "grad_residual_out" in grads:
-        outputs.append(outcome.tensors["residual_out"])
-        upstream.append(grads["grad_residual_out"])
-    with watch.calling(stage):
-        torch.autograd.backward(outputs, upstream)
-        _settle(device)
-
-
-def _settle(device: str) -> None:
-    """Wait for the device's queued work, so that a hung or faulting kernel is caught inside
-    the call that launched it (and inside the watchdog's window)."""
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-_SAME_WIDTH_INTEGERS = {8: "int64", 4: "int32", 2: "int16", 1: "int8"}
-
-
-def _bitwise_equal(a: Any, b: Any) -> bool:
-    """Whether two tensors hold the same bits (NaN payloads and signed zeros included)."""
-    import torch
-
-    if b is None or a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    ints = getattr(torch, _SAME_WIDTH_INTEGERS[a.element_size()])
-    left = a.detach().contiguous().view(ints)
-    right = b.detach().contiguous().view(ints)
-    return bool(torch.equal(left, right))
 
 
 def gradient_bound(

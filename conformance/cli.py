@@ -17,15 +17,15 @@ import argparse
 import re
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn
 
 from conformance.cases import DTYPES, Case
 from conformance.distributions import DISTRIBUTIONS
-from conformance.results import CheckResult, RunRecord, SpeedResult
+from conformance.progress import ProgressBar, SpeedProgress
+from conformance.results import CheckResult, RunRecord
 from conformance.specs import NORM_NAMES
 from conformance.summary import printable, speed_table
 
@@ -216,37 +216,6 @@ def _positive(text: str) -> float:
     return value
 
 
-class ProgressBar:
-    """One line on a terminal, redrawn; a line every ~10% when not a terminal."""
-
-    def __init__(self, stream: TextIO, enabled: bool = True) -> None:
-        self.stream, self.enabled = stream, enabled
-        self.tty = stream.isatty()
-        self.started = time.perf_counter()
-        self.failed = 0
-        self.last_decile = -1
-
-    def __call__(self, done: int, total: int, case: Case, results: list[CheckResult]) -> None:
-        self.failed += sum(r.verdict == "fail" for r in results)
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.started
-        width = 30
-        filled = width * done // max(total, 1)
-        line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} cases "
-            f"{self.failed} failed {elapsed:5.1f}s  {case.case_id[:60]}"
-        )
-        if self.tty:
-            self.stream.write("\r" + line.ljust(120)[:120])
-            if done == total:
-                self.stream.write("\n")
-        elif 10 * done // max(total, 1) != self.last_decile:
-            self.last_decile = 10 * done // max(total, 1)
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "adapter"
 
@@ -405,32 +374,6 @@ def _speed(
         ),
         timeout=_timeout(args),
     )
-
-
-class SpeedProgress:
-    """One line per timed configuration (the speed battery is short and slow), and each result
-    streamed to the report directory."""
-
-    def __init__(
-        self,
-        out: TextIO,
-        enabled: bool = True,
-        stream: StreamWriter | None = None,
-        record: RunRecord | None = None,
-    ) -> None:
-        self.stream, self.enabled, self.results, self.record = out, enabled, stream, record
-
-    def __call__(self, done: int, total: int, result: SpeedResult) -> None:
-        if self.results is not None:
-            if done == 1 and self.record is not None and self.record.ceiling is not None:
-                self.results.ceiling(self.record.ceiling)
-            self.results.speed(result)
-        if self.enabled:
-            self.stream.write(
-                f"speed {done}/{total} {result.speed_id}: {result.verdict} "
-                f"{printable(result.message, 100)}\n"
-            )
-            self.stream.flush()
 
 
 def report_command(args: argparse.Namespace) -> int:

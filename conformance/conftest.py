@@ -43,7 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--baseline", default="torch", help="baseline adapter of the speed battery")
     group.addoption(
         "--adapter-timeout",
-        type=float,
+        type=_positive_seconds,
         default=None,
         metavar="S",
         help="seconds one call into the adapter may take in its worker process (default: as "
@@ -54,6 +54,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="run the adapter in the pytest process, not in a worker (for a debugger)",
     )
+
+
+def _positive_seconds(text: str) -> float:
+    from conformance.cli import _positive
+
+    return _positive(text)
 
 
 def pytest_configure(config: pytest.Config) -> None:

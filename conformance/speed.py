@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 
 from conformance import watch
+from conformance.calls import first_line
 from conformance.cases import Case, _with_norm_defaults, case_seed
-from conformance.checks import first_line
 from conformance.inputs import torch_dtype
 from conformance.results import CheckResult, SpeedResult
 from conformance.reverify import DIFFERENTIABLE, reverify
@@ -258,7 +258,7 @@ class Runner:
         args = call_arguments(self.case.norm, {**st.tensors, **leaves}, self.case.parameters())
         if self.case.norm == "batch_norm":  # the running statistics: the set's own copies
             args[1], args[2] = st.tensors["running_mean"].clone(), st.tensors["running_var"].clone()
-        watch.begin("timed backward")
+        watch.begin("forward before a timed backward")
         out = self.fn(*args, **self.keywords)
         st.leaves = leaves
         st.graph_outputs = list(out) if isinstance(out, tuple | list) else [out]

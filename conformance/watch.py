@@ -1,14 +1,15 @@
 """What the adapter is doing right now, for the watchdog of an isolated run.
 
-Every call into an adapter's code (the forward call, autograd's backward, the statistics, the
-determinism re-run, each timed call) is made inside :func:`calling`, which records in memory
-shared with the parent process the stage and the moment the call began. The parent
+Every call the suite makes into an adapter's code (the forward call, autograd's backward, the
+statistics, the determinism re-run, each timed call) is made inside :func:`calling`, which
+records in memory shared with the parent process the stage and the moment the call began. The parent
 (:mod:`conformance.worker`) reads it to tell a slow adapter from a hung one: a worker that stays
 inside one call longer than the ``--timeout`` is killed, and the check fails with "no answer in
 S s from the <stage>". Outside a worker (an in-process run) the hooks do nothing.
 
-Marking a call costs two stores into shared memory, a few hundred nanoseconds: cheap enough to
-sit inside a timed call.
+Marking a call costs two stores into shared memory, under a microsecond: cheap enough to sit
+inside a timed call. Adapter code can also run outside these marks (a finalizer, a thread it
+started); the parent bounds a whole request too, more loosely (:mod:`conformance.worker`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ STAGES = (
     "provided-buffer call",
     "timed forward",
     "timed backward",
+    "forward before a timed backward",
     "loading of the adapter",
+    "device check after the case",
 )
 
 # [stage index, monotonic seconds when the call began]; 0 in the first slot: not calling.

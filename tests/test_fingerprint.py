@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conformance import bounds, fingerprint, metrics, signatures
+from conformance.calls import call_adapter
 from conformance.cases import Case, parse_case_id
-from conformance.checks import call_adapter
 from conformance.engine import certify, select_cases
 from conformance.expected import Expected, compute
 from conformance.inputs import CaseInputs, build_inputs

@@ -4,7 +4,11 @@ Each is an attribute: ``--adapter tests/zoo/crashes.py:segfault``.
 
 - ``segfault``: float16 reads address 8 through ctypes (SIGSEGV);
 - ``aborts``: float16 calls ``abort()`` (SIGABRT);
-- ``endless_loop``: bfloat16 spins forever.
+- ``endless_loop``: bfloat16 spins forever;
+- ``exits``: float16 calls ``sys.exit(3)`` (an exception: the check fails, the worker lives on);
+- ``quits``: float16 calls ``os._exit(3)`` (the process ends at once);
+- ``hangs_in_a_finalizer``: correct, but its outputs carry an object whose finalizer never
+  returns, so the worker hangs outside any call into the adapter.
 
 Run in the suite's worker process, each broken case must fail with "crashed with SIGSEGV …" or
 "no answer in S s from the forward call" and the stack of the fault, the worker must be
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,3 +64,31 @@ class _FaultyLayerNorm:
 segfault = _FaultyLayerNorm("segfaults", torch.float16, _read_null)
 aborts = _FaultyLayerNorm("aborts", torch.float16, os.abort)
 endless_loop = _FaultyLayerNorm("never returns", torch.bfloat16, _spin)
+
+
+def _exit_politely() -> None:
+    sys.exit(3)  # raises SystemExit: a finding like any exception, not the end of the run
+
+
+def _exit_at_once() -> None:
+    os._exit(3)  # no exception, no cleanup: the process is gone
+
+
+class _Spinner:
+    def __del__(self) -> None:
+        _spin()
+
+
+class _LeavesAFinalizer(_FaultyLayerNorm):
+    """Correct outputs, each carrying an object whose finalizer never returns: the worker hangs
+    when the suite drops the output, outside any call into the adapter."""
+
+    def layer_norm(self, *args: Any, **kwargs: Any) -> Tensor:
+        output = super().layer_norm(*args, **kwargs)
+        output.spinner = _Spinner()  # type: ignore[attr-defined]
+        return output
+
+
+exits = _FaultyLayerNorm("calls sys.exit", torch.float16, _exit_politely)
+quits = _FaultyLayerNorm("calls os._exit", torch.float16, _exit_at_once)
+hangs_in_a_finalizer = _LeavesAFinalizer("hangs in a finalizer", torch.float32, lambda: None)
