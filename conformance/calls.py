@@ -19,7 +19,7 @@ import numpy as np
 
 from conformance import watch
 from conformance.cases import Case
-from conformance.inputs import CaseInputs, to_numpy, to_tensor, torch_dtype
+from conformance.inputs import CaseInputs, layout_of, to_numpy, to_tensor, torch_dtype
 from conformance.specs import call_arguments, call_keywords, spec
 
 _DIFFERENTIABLE = ("input", "weight", "bias", "residual", "sublayer_output")
@@ -62,9 +62,8 @@ def call_adapter(
     for name, array in inputs.arrays.items():
         if array is None:
             continue
-        layout = case.layout if name in ("input", "residual", "sublayer_output") else "contiguous"
         needs_grad = grad and name in _DIFFERENTIABLE
-        outcome.leaves[name] = to_tensor(array, device, layout, needs_grad)
+        outcome.leaves[name] = to_tensor(array, device, layout_of(case, name), needs_grad)
     before = {k: t.detach().clone() for k, t in outcome.leaves.items()}
     args = call_arguments(case.norm, {**inputs.arrays, **outcome.leaves}, inputs.params)
     keywords = call_keywords(case.norm, inputs.params)
@@ -73,7 +72,7 @@ def call_adapter(
     try:
         with watch.calling(stage):
             result = fn(*args, **keywords)
-            _settle(device)
+            settle(device)
     except (Exception, SystemExit) as exc:  # the adapter's failure is a finding, not ours
         outcome.problems.append(f"raised {type(exc).__name__}: {first_line(exc)}")
         outcome.raised = True
@@ -96,7 +95,7 @@ def call_adapter(
             outcome.values[name] = to_numpy(value)
             outcome.dtypes[name] = str(value.dtype).removeprefix("torch.")
             continue
-        problem = _tensor_problem(value, case, device)
+        problem = tensor_problem(value, case, device)
         if problem:
             outcome.problems.append(f"{name}: {problem}")
             continue
@@ -142,7 +141,7 @@ def subclass_problem(value: Any) -> str:
     return f"returned a {kind.__module__}.{kind.__qualname__}, a torch.Tensor subclass"
 
 
-def _tensor_problem(value: Any, case: Case, device: str) -> str | None:
+def tensor_problem(value: Any, case: Case, device: str) -> str | None:
     import torch
 
     if not isinstance(value, torch.Tensor):
@@ -188,7 +187,12 @@ def backpropagate(
     with the case's upstream gradients into the call's leaves."""
     import torch
 
-    grads = {k: to_tensor(v, device) for k, v in inputs.grads.items() if v is not None}
+    case = inputs.case
+    grads = {
+        k: to_tensor(v, device, layout_of(case, k))
+        for k, v in inputs.grads.items()
+        if v is not None
+    }
     outputs = [outcome.tensors["output"]]
     upstream = [grads["grad_output"]]
     if "residual_out" in outcome.tensors and "grad_residual_out" in grads:
@@ -196,10 +200,10 @@ def backpropagate(
         upstream.append(grads["grad_residual_out"])
     with watch.calling(stage):
         torch.autograd.backward(outputs, upstream)
-        _settle(device)
+        settle(device)
 
 
-def _settle(device: str) -> None:
+def settle(device: str) -> None:
     """Wait for the device's queued work, so that a hung or faulting kernel is caught inside
     the call that launched it (and inside the watchdog's window)."""
     if device == "cuda":

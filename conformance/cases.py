@@ -4,9 +4,19 @@ A :class:`Case` fully determines its inputs (they are drawn from the case's own 
 id is enough to reproduce a check anywhere: ``normconf certify --adapter SPEC --case ID``.
 
 Case ids read ``norm-dtype-shape-distribution[-options]-sSEED``, e.g.
-``layer_norm-float32-4x768-large_mean_k1e3-nc-s12``; options are ``nc`` (non-contiguous input),
-``cl`` (channels-last), ``gG`` (GroupNorm's groups), ``ndK`` (normalized_shape has K dims),
-``eval`` (BatchNorm with running statistics) and ``noaffine`` (no weight and bias).
+``layer_norm-float32-3x1025-normal-nc-gtr-tile_edge-s12``. The options, in this order:
+
+- the input's memory layout (:mod:`conformance.layouts`): ``nc`` (every other element),
+  ``padK`` (a row pitch), ``cl`` (channels-last), ``tr`` (transposed), ``pPERM`` (any memory
+  order), ``oK`` (storage offset K), ``bDIMS`` (stride 0 along DIMS);
+- the upstream gradients' layout, the same tokens prefixed ``g`` (``gnc``, ``gtr``, ``gb``: stride
+  0 everywhere, as ``y.sum().backward()`` gives), and the affine parameters', prefixed ``w``
+  (``wb``: weight and bias expanded from one value);
+- ``gG`` (GroupNorm's groups), ``ndK`` (normalized_shape has K dims), ``eval`` (BatchNorm with
+  running statistics), ``noaffine`` (no weight and bias), ``large`` (a GPU-sized case, drawn and
+  checked in row blocks: :mod:`conformance.large`);
+- the shape classes of :mod:`conformance.shape_classes` (``many_rows``, ``tile_edge``, …), which
+  follow from the shape and are written out so that an id says what it exercises.
 """
 
 from __future__ import annotations
@@ -16,14 +26,16 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
+from conformance import boundary_cases, layouts
 from conformance.distributions import DISTRIBUTIONS, QUICK_DISTRIBUTIONS
 from conformance.geometry import Grouping, grouping
+from conformance.layouts import CONTIGUOUS, Layout
+from conformance.shape_classes import SHAPE_CLASSES, shape_classes
 from conformance.specs import NORM_NAMES, spec
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-LAYOUTS = ("contiguous", "noncontiguous", "channels_last")
-_LAYOUT_TAGS = {"noncontiguous": "nc", "channels_last": "cl"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,7 @@ class Case:
     shape: tuple[int, ...]
     distribution: str
     seed: int
-    layout: str = "contiguous"
+    layout: Layout = CONTIGUOUS
     num_groups: int = 1
     norm_dims: int = 1
     training: bool = True
@@ -43,12 +55,23 @@ class Case:
     eps: float | None = 1e-5
     alpha: float = 1.0
     momentum: float = 0.1
+    #: The upstream gradients' layout (``grad_output``, and ``grad_residual_out`` of the adds).
+    grad_layout: Layout = CONTIGUOUS
+    #: The weight's and bias's layout.
+    param_layout: Layout = CONTIGUOUS
+    #: A GPU-sized case, drawn and checked row block by row block (:mod:`conformance.large`).
+    large: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("layout", "grad_layout", "param_layout"):
+            object.__setattr__(self, name, layouts.as_layout(getattr(self, name)))
 
     @property
     def case_id(self) -> str:
         parts = [self.norm, self.dtype, "x".join(map(str, self.shape)), self.distribution]
-        if self.layout != "contiguous":
-            parts.append(_LAYOUT_TAGS[self.layout])
+        parts += self.layout.tokens()
+        parts += self.grad_layout.tokens("g")
+        parts += self.param_layout.tokens("w")
         if self.norm == "group_norm":
             parts.append(f"g{self.num_groups}")
         if self.norm_dims != 1:
@@ -57,8 +80,57 @@ class Case:
             parts.append("eval")
         if not self.affine:
             parts.append("noaffine")
+        if self.large:
+            parts.append("large")
+        parts += self.shape_classes
         parts.append(f"s{self.seed}")
         return "-".join(parts)
+
+    def result_fields(self) -> dict[str, Any]:
+        """What a :class:`conformance.results.CheckResult` of this case records about it."""
+        return {
+            "case_id": self.case_id,
+            "norm": self.norm,
+            "dtype": self.dtype,
+            "shape": self.shape,
+            "distribution": self.distribution,
+            "layout": self.layout.name,
+            "grad_layout": self.grad_layout.name,
+            "param_layout": self.param_layout.name if self.affine else "none",
+            "shape_classes": list(self.shape_classes),
+            "seed": self.seed,
+        }
+
+    @property
+    def shape_classes(self) -> tuple[str, ...]:
+        return shape_classes(
+            self.norm, self.shape, norm_dims=self.norm_dims, num_groups=self.num_groups
+        )
+
+    def validate(self) -> None:
+        """A ValueError saying what is wrong with the case (shape, groups, layouts)."""
+        g = self.grouping
+        s = spec(self.norm)
+        for role, layout in (("input", self.layout), ("grad_output", self.grad_layout)):
+            try:
+                layout.validate(self.shape)
+            except ValueError as exc:
+                raise ValueError(f"{role} layout {layout.name}: {exc}") from None
+        expanded = self.layout.expanded_dims(len(self.shape))
+        leading = len(self.shape) - self.norm_dims if s.trailing else 1
+        if any(d >= leading for d in expanded):
+            what = "leading (batch) dims" if s.trailing else "the batch dim"
+            raise ValueError(
+                f"{self.norm} takes an expanded input along {what} only, not {expanded}"
+            )
+        if not self.param_layout.contiguous:
+            if not self.affine:
+                raise ValueError("a parameter layout needs affine parameters (not noaffine)")
+            shape = self.shape[len(self.shape) - self.norm_dims :] if s.trailing else (g.params,)
+            try:
+                self.param_layout.validate(shape)
+            except ValueError as exc:
+                raise ValueError(f"parameter layout {self.param_layout.name}: {exc}") from None
 
     @property
     def grouping(self) -> Grouping:
@@ -99,13 +171,23 @@ def parse_case_id(case_id: str) -> Case:
     except ValueError:
         raise ValueError(f"case id {case_id!r}: bad shape {shape_text!r}") from None
     fields: dict[str, object] = {}
+    tokens: dict[str, list[str]] = {"layout": [], "grad_layout": [], "param_layout": []}
+    named: list[str] = []
     for option in options:
-        if option in ("nc", "cl"):
-            fields["layout"] = "noncontiguous" if option == "nc" else "channels_last"
+        if layouts.is_token(option):
+            tokens["layout"].append(option)
+        elif layouts.is_token(option, "g"):
+            tokens["grad_layout"].append(option)
+        elif layouts.is_token(option, "w"):
+            tokens["param_layout"].append(option)
+        elif option in SHAPE_CLASSES:
+            named.append(option)
         elif option == "eval":
             fields["training"] = False
         elif option == "noaffine":
             fields["affine"] = False
+        elif option == "large":
+            fields["large"] = True
         elif option[:1] in ("g", "s") and option[1:].isdigit():
             fields["num_groups" if option[0] == "g" else "seed"] = int(option[1:])
         elif option.startswith("nd") and option[2:].isdigit():
@@ -114,10 +196,27 @@ def parse_case_id(case_id: str) -> Case:
             raise ValueError(f"case id {case_id!r}: unknown option {option!r}")
     if "seed" not in fields:
         raise ValueError(f"case id {case_id!r} has no seed (…-sN)")
-    return _with_norm_defaults(Case(norm, dtype, shape, distribution, **fields))  # type: ignore[arg-type]
+    try:
+        for key, given in tokens.items():
+            fields[key] = layouts.from_tokens(given, ROLE_PREFIX[key])
+        case = with_norm_defaults(Case(norm, dtype, shape, distribution, **fields))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"case id {case_id!r}: {exc}") from None
+    wrong = set(named) ^ set(case.shape_classes)
+    if named and wrong:
+        which = ", ".join(sorted(wrong))
+        raise ValueError(
+            f"case id {case_id!r}: its shape classes ({which}) do not follow from shape "
+            f"{shape_text}, whose classes are {', '.join(case.shape_classes) or 'none'}"
+        )
+    return case
 
 
-def _with_norm_defaults(case: Case) -> Case:
+#: The prefix of each layout field's tokens in a case id.
+ROLE_PREFIX = {"layout": "", "grad_layout": "g", "param_layout": "w"}
+
+
+def with_norm_defaults(case: Case) -> Case:
     s = spec(case.norm)
     eps = s.default_eps
     alpha = 1.0
@@ -128,7 +227,7 @@ def _with_norm_defaults(case: Case) -> Case:
     elif s.fused:
         alpha = 0.5
     case = replace(case, eps=eps, alpha=alpha)
-    case.grouping  # noqa: B018 - validates the shape for the norm
+    case.validate()
     return case
 
 
@@ -165,8 +264,9 @@ QUICK_CHANNEL = (((4, 6, 33), 3), ((2, 6, 5, 7), 2), ((2, 4, 3, 4, 5), 2))
 FULL_SHAPES_PER_DISTRIBUTION = 3
 
 
-#: float64 channel norms stop at this many elements: their exact weight gradients (one sum of
-#: N·spatial terms per channel, no double-double step in the references yet) would dominate.
+#: float64 channel norms, and float64 boundary cases, stop at this many elements: their exact
+#: group statistics (one per row in the double-double steps of the float64 references) and
+#: weight gradients (one sum of N·spatial terms per channel) would dominate the run.
 FLOAT64_CHANNEL_ELEMENTS = 2**16
 
 
@@ -205,7 +305,7 @@ def _make(
     elif spec(norm).trailing:
         fields["norm_dims"] = extra
     case = Case(norm, dtype, shape, dist, 0, **fields)  # type: ignore[arg-type]
-    case = _with_norm_defaults(case)
+    case = with_norm_defaults(case)
     return replace(case, seed=case_seed(run_seed, case.case_id))
 
 
@@ -215,9 +315,11 @@ def catalogue(
     dtypes: Iterable[str] = DTYPES,
     quick: bool = False,
     seed: int = 0,
+    boundary: bool = True,
 ) -> list[Case]:
     """Every case of the battery (``quick``: every distribution class and check kind, fewer
-    shapes and seeds), in a stable order."""
+    shapes and seeds), in a stable order; ``boundary=False`` leaves out the boundary battery
+    (:mod:`conformance.boundary_cases`)."""
     cases: list[Case] = []
     distributions = QUICK_DISTRIBUTIONS if quick else DISTRIBUTIONS
     seeds = (0,) if quick else (0, 1)
@@ -236,4 +338,21 @@ def catalogue(
         if norm == "batch_norm":
             cases.append(_make(norm, dtype, shapes[0], "normal", 0, seed, training=False))
         cases.append(_make(norm, dtype, shapes[0], "normal", 1, seed, affine=False))
+        if boundary:
+            cases += _boundary_cases(norm, dtype, quick, seed)
     return cases
+
+
+def _boundary_cases(norm: str, dtype: str, quick: bool, seed: int) -> list[Case]:
+    """The boundary battery of :mod:`conformance.boundary_cases` for one norm and dtype."""
+    out = []
+    rotation = boundary_cases.QUICK_DISTRIBUTIONS if quick else boundary_cases.DISTRIBUTIONS
+    for turn, b in enumerate(boundary_cases.boundaries(norm, spec(norm).trailing, quick)):
+        if dtype == "float64" and math.prod(b.shape) > FLOAT64_CHANNEL_ELEMENTS:
+            continue
+        dist = rotation[(turn + DTYPES.index(dtype)) % len(rotation)]
+        options: dict[str, object] = {**b.layouts()}
+        if not b.training:
+            options["training"] = False
+        out.append(_make(norm, dtype, (b.shape, b.extra), dist, 0, seed, **options))
+    return out

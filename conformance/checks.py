@@ -40,6 +40,7 @@ from conformance.inputs import (
     round_into,
     to_numpy,
 )
+from conformance.large import run_large_case
 from conformance.results import CheckResult
 from conformance.specs import spec
 
@@ -75,19 +76,12 @@ class _Recorder:
         return elapsed
 
     def add(self, kind: str, output: str, verdict: str, **fields: Any) -> CheckResult:
-        c = self.case
         result = CheckResult(
-            case_id=c.case_id,
-            norm=c.norm,
-            dtype=c.dtype,
+            **self.case.result_fields(),
             kind=kind,
             output=output,
-            shape=c.shape,
-            distribution=c.distribution,
-            layout=c.layout,
-            seed=c.seed,
             verdict=verdict,
-            reproduce=self.target.reproduce(c),
+            reproduce=self.target.reproduce(self.case),
             convention=self.convention,
             duration_s=self._lap(),
             kappa=self.kappa,
@@ -104,6 +98,8 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
     Where the checks cannot go on (the suite's own error, or a device that an earlier call into
     the adapter left broken), the checks done so far stand and one failed check says why.
     """
+    if case.large:
+        return run_large_case(target, case)
     rec = _Recorder(case, target, target.convention(case.norm))
     try:
         _run_checks(rec, target, case, inputs)

@@ -138,8 +138,10 @@ def draw(
     those of ``nonfinite`` are finite. Deterministic given the state of ``rng``.
     """
     _check_name(name)
-    if rows < 0 or n < 1:
-        raise ValueError(f"need rows >= 0 and n >= 1, got rows={rows}, n={n}")
+    if rows < 0 or n < 0:
+        raise ValueError(f"need rows >= 0 and n >= 0, got rows={rows}, n={n}")
+    if not rows * n:
+        return np.zeros((rows, n))  # an empty batch: BatchNorm's groups of no element
     request = _Request(int(rows), int(n), format_of(dtype), rng, float(eps))
     values = _GENERATORS[name](request)
     exact = round_array(values, request.fmt)

@@ -1,15 +1,16 @@
 """A case's inputs: drawn from its seed, exact in its dtype, then laid out as the case says.
 
 Inputs are made once as NumPy arrays of the case's dtype (the references take them as they
-are) and converted to torch tensors for the adapter in the case's memory layout:
-``noncontiguous`` views every other element of a buffer whose unused elements are NaN (a kernel
-that ignores strides reads poison), ``channels_last`` uses torch's channels-last memory format.
+are) and converted to torch tensors for the adapter in the case's memory layouts
+(:mod:`conformance.layouts`): the input's (and the other summand's), the affine parameters' and
+the upstream gradients'. Storage the tensor does not view holds NaN, so a kernel that ignores a
+stride or an offset reads poison. Values along an expanded (stride-0) dimension are drawn equal.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ml_dtypes
@@ -17,6 +18,7 @@ import numpy as np
 
 from conformance.cases import Case
 from conformance.distributions import draw, draw_affine, draw_grad
+from conformance.layouts import CONTIGUOUS, Layout, as_layout, place, replicate
 from conformance.specs import spec
 from references.conventions import rms_norm_default_eps
 from references.formats import format_of
@@ -59,6 +61,7 @@ def build_inputs(case: Case) -> CaseInputs:
     s, g = spec(case.norm), case.grouping
     eps = effective_eps(case)
     x = g.from_rows(draw(case.distribution, g.groups, g.n, case.dtype, rng, eps=eps))
+    x = replicate(x, case.layout)
     arrays: dict[str, np.ndarray | None] = {"input": _typed(x, case.dtype)}
     if s.summand is not None:
         # The other summand is a modest perturbation, so the sum keeps the distribution's shape.
@@ -69,22 +72,42 @@ def build_inputs(case: Case) -> CaseInputs:
     if case.affine:
         shape = case.shape[len(case.shape) - case.norm_dims :] if s.trailing else (g.params,)
         weight = draw_affine("weight", g.params, case.dtype, rng).reshape(shape)
-        arrays["weight"] = _typed(weight, case.dtype)
+        arrays["weight"] = _typed(replicate(weight, case.param_layout), case.dtype)
         if s.has_bias:
             bias = draw_affine("bias", g.params, case.dtype, rng).reshape(shape)
-            arrays["bias"] = _typed(bias, case.dtype)
+            arrays["bias"] = _typed(replicate(bias, case.param_layout), case.dtype)
     if case.norm == "batch_norm":
         channels = case.shape[1]
         mean = draw_affine("bias", channels, case.dtype, rng)
         var = np.abs(draw_affine("weight", channels, case.dtype, rng)) + 0.25
         arrays["running_mean"] = _typed(round_into(mean, case.dtype), case.dtype)
         arrays["running_var"] = _typed(round_into(var, case.dtype), case.dtype)
-    grads: dict[str, np.ndarray | None] = {
-        "grad_output": _typed(draw_grad(case.shape, case.dtype, rng), case.dtype)
-    }
+
+    def upstream() -> np.ndarray:
+        return _typed(
+            replicate(draw_grad(case.shape, case.dtype, rng), case.grad_layout), case.dtype
+        )
+
+    grads: dict[str, np.ndarray | None] = {"grad_output": upstream()}
     if s.fused:
-        grads["grad_residual_out"] = _typed(draw_grad(case.shape, case.dtype, rng), case.dtype)
+        grads["grad_residual_out"] = upstream()
     return CaseInputs(case, arrays, case.parameters(), grads)
+
+
+def layout_of(case: Case, name: str) -> Layout:
+    """The layout of the tensor ``name`` of ``case``: the input's for the input (the other
+    summand takes it too, except its stride-0 dimensions: an in-place residual must be
+    writable), the parameters' for weight and bias, the gradients' for the upstream gradients;
+    running statistics are contiguous."""
+    if name == "input":
+        return case.layout
+    if name in ("residual", "sublayer_output"):
+        return replace(case.layout, broadcast=())
+    if name in ("weight", "bias"):
+        return case.param_layout
+    if name.startswith("grad_"):
+        return case.grad_layout
+    return CONTIGUOUS
 
 
 def round_into(values: Any, dtype: str) -> np.ndarray:
@@ -110,24 +133,18 @@ def torch_dtype(dtype: str) -> Any:
 
 
 def to_tensor(
-    array: np.ndarray, device: str, layout: str = "contiguous", requires_grad: bool = False
+    array: np.ndarray,
+    device: str,
+    layout: Layout | str = CONTIGUOUS,
+    requires_grad: bool = False,
 ) -> Any:
-    """``array`` as a leaf tensor of its dtype on ``device`` in ``layout``."""
+    """``array`` as a leaf tensor of its dtype on ``device`` in ``layout``
+    (:func:`conformance.layouts.place`: a fresh storage, never shared with ``array``)."""
     import torch
 
     dtype = torch_dtype(np.dtype(array.dtype).name)
-    # A copy, always: the adapter must never share memory with the case's arrays.
-    base = torch.from_numpy(np.array(array, dtype=np.float64)).to(dtype).clone()
-    if layout == "noncontiguous" and base.ndim >= 1:
-        wide = torch.full((*base.shape[:-1], 2 * base.shape[-1]), float("nan"), dtype=dtype)
-        wide[..., ::2] = base
-        tensor = wide.to(device)[..., ::2]
-    elif layout == "channels_last" and base.ndim in (4, 5):
-        fmt = torch.channels_last if base.ndim == 4 else torch.channels_last_3d
-        tensor = base.to(device).contiguous(memory_format=fmt)
-    else:
-        tensor = base.to(device)
-    tensor = tensor.detach()
+    base = torch.from_numpy(np.asarray(array, dtype=np.float64)).to(dtype)
+    tensor = place(base, as_layout(layout), device).detach()
     return tensor.requires_grad_(requires_grad)
 
 

@@ -1,8 +1,9 @@
 """The inputs of failed cases, saved beside the report, and ``normconf replay CASE_ID``.
 
 When a case has a failed check, :func:`save_inputs` writes every input array and upstream
-gradient of the case to ``DIR/inputs/<case_id>.npz`` (float64 arrays holding the exact values,
-with each array's dtype), so the failure can be rerun from the report directory alone, without
+gradient of the case to ``DIR/inputs/<case_id>.npz`` (each array in its own dtype, bfloat16 as
+its 16-bit patterns, with the dtype's name beside it; directories written before kept float64
+copies, which still load), so the failure can be rerun from the report directory alone, without
 drawing the inputs again. :func:`replay` loads them, runs the case through the adapter of the
 run (or another), and returns the checks with their comparisons.
 """
@@ -40,8 +41,10 @@ def save_inputs(directory: str | os.PathLike[str], inputs: CaseInputs) -> Path:
         for name, array in group.items():
             if array is None:
                 continue
-            arrays[prefix + name] = np.asarray(array, dtype=np.float64)
-            arrays[_DTYPE + prefix + name] = np.array(np.dtype(array.dtype).name)
+            dtype = np.dtype(array.dtype).name
+            stored = np.ascontiguousarray(array)
+            arrays[prefix + name] = stored.view(np.uint16) if dtype == "bfloat16" else stored
+            arrays[_DTYPE + prefix + name] = np.array(dtype)
     temporary = path.with_name(f".{path.name}.tmp")
     with temporary.open("wb") as handle:
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
@@ -68,7 +71,10 @@ def _typed(saved: Any, key: str) -> np.ndarray | None:
     dtype = str(saved[_DTYPE + key])
     if dtype not in NUMPY_DTYPES:
         raise ValueError(f"saved array {key!r} has dtype {dtype!r}, not a case dtype")
-    return np.asarray(saved[key]).astype(NUMPY_DTYPES[dtype])
+    stored = np.asarray(saved[key])
+    if stored.dtype == np.uint16 and dtype == "bfloat16":
+        return stored.view(NUMPY_DTYPES[dtype])
+    return stored.astype(NUMPY_DTYPES[dtype])
 
 
 def replay(

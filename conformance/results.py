@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Versions :meth:`RunRecord.from_dict` reads: version 1 lacks the ulp histograms, the case's
-#: κ, the speed results and the ceiling (read as empty).
-READABLE_VERSIONS = (1, 2)
+#: κ, the speed results and the ceiling (read as empty); versions 1 and 2 lack the gradient and
+#: parameter layouts (read as contiguous) and the shape classes (read as none).
+READABLE_VERSIONS = (1, 2, 3)
 
 #: Upper edges of the ulp-error histogram's bins: bin 0 holds distance 0, bin ``i`` distances in
 #: ``(EDGES[i-1], EDGES[i]]``, the last bin (``len(EDGES)``) everything above ``2**20`` ulps and
@@ -114,6 +115,12 @@ class CheckResult:
     #: The case's condition number: the largest κ = rms(x)/√(v + ε) over its reduction groups
     #: (None where it is not defined: non-finite inputs, version-1 reports).
     kappa: float | None = None
+    #: The upstream gradients' and the affine parameters' layouts (``layout`` is the input's),
+    #: by :attr:`conformance.layouts.Layout.name`; version-2 reports read as contiguous.
+    grad_layout: str = "contiguous"
+    param_layout: str = "contiguous"
+    #: The case's classes of :mod:`conformance.shape_classes` (empty in version-2 reports).
+    shape_classes: list[str] = field(default_factory=list)
 
     @property
     def check_id(self) -> str:

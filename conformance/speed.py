@@ -53,7 +53,7 @@ import numpy as np
 
 from conformance import watch
 from conformance.calls import first_line
-from conformance.cases import Case, _with_norm_defaults, case_seed
+from conformance.cases import Case, case_seed, with_norm_defaults
 from conformance.inputs import torch_dtype
 from conformance.results import CheckResult, SpeedResult
 from conformance.reverify import DIFFERENTIABLE, reverify
@@ -134,7 +134,7 @@ class SpeedCase:
         """The accuracy case of the same norm, dtype and shape (its parameters, its tolerance
         model); normal inputs."""
         groups = GROUPS if self.norm == "group_norm" else 1
-        return _with_norm_defaults(
+        return with_norm_defaults(
             Case(self.norm, self.dtype, self.shape, "normal", seed, num_groups=groups)
         )
 

@@ -412,7 +412,7 @@ def _backward_terms(
     n, x_hat = stats.n, stats.x_hat
     divisor = n - 1 if stats.unbiased else n
     with np.errstate(invalid="ignore", divide="ignore"):
-        a = g.mean(axis=1) if center else np.zeros(len(g))
+        a = g.sum(axis=1) / n if center else np.zeros(len(g))  # n = 0: an empty batch
         b = np.einsum("ij,ij->i", g, x_hat) / divisor
         c = np.ones(len(g))
         if stats.eps_outside:
@@ -445,8 +445,9 @@ def backward_bound(
     _, e_s = normalization_error(stats, acc_unit=acc_unit, reduction=reduction, n=n)
     divisor = n - 1 if stats.unbiased else n
     abs_g, abs_gx = np.abs(g), np.abs(g * stats.x_hat)
-    da = (k + constant("backward_mean")) * u * abs_g.mean(axis=1) if center else np.zeros_like(a)
     with np.errstate(invalid="ignore", divide="ignore"):
+        mean_g = abs_g.sum(axis=1) / n
+        da = (k + constant("backward_mean")) * u * mean_g if center else np.zeros_like(a)
         db = c * (
             np.einsum("ij,ij->i", abs_g, e_x) / divisor
             + (k + constant("backward_projection")) * u * abs_gx.sum(axis=1) / divisor
@@ -485,6 +486,74 @@ def _param_sums(
     return tuple(np.bincount(index, weights=np.ravel(v), minlength=params)[:params] for v in values)
 
 
+@dataclass
+class ParamTerms:
+    """The sums a weight or bias gradient's bound is made of, per parameter: the element
+    count, ``Σ dy·x̂`` (or ``Σ dy``), the propagated error ``Σ|dy|·E_x̂`` and ``Σ|dy·x̂|`` (or
+    ``Σ|dy|``). Each is a sum over elements, so the terms of row blocks add up
+    (:mod:`conformance.large`)."""
+
+    count: np.ndarray
+    value: np.ndarray
+    propagated: np.ndarray
+    magnitude: np.ndarray
+
+    def __add__(self, other: ParamTerms) -> ParamTerms:
+        return ParamTerms(
+            self.count + other.count,
+            self.value + other.value,
+            self.propagated + other.propagated,
+            self.magnitude + other.magnitude,
+        )
+
+
+def param_grad_terms(
+    which: str,
+    stats: RowStats,
+    grad_rows: np.ndarray,
+    param_index: np.ndarray,
+    params: int,
+    *,
+    acc_unit: float,
+    reduction: str,
+) -> ParamTerms:
+    """The :class:`ParamTerms` of ``dw_j = Σ dy·x̂`` (``which="weight"``) or ``dβ_j = Σ dy``
+    over the elements using parameter ``j`` (``param_index``, a ``(groups, n)`` matrix)."""
+    dy = np.asarray(grad_rows, dtype=np.float64)
+    if which == "weight":
+        e_x = _x_hat_error(stats, acc_unit, reduction, stats.n)
+        products = dy * stats.x_hat
+        sums = _param_sums(
+            param_index, params, np.ones_like(dy), products, np.abs(dy) * e_x, np.abs(products)
+        )
+        return ParamTerms(*sums)
+    count, value, magnitude = _param_sums(param_index, params, np.ones_like(dy), dy, np.abs(dy))
+    return ParamTerms(count, value, np.zeros_like(value), magnitude)
+
+
+def param_grad_from_terms(
+    which: str,
+    terms: ParamTerms,
+    reference: np.ndarray | None = None,
+    *,
+    out_dtype: str,
+    acc_unit: float,
+    reduction: str,
+    extra: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """The bound of :func:`weight_grad_bound` or :func:`bias_grad_bound` from its terms;
+    ``extra`` is an error of the reference itself, added before the rounding allowance."""
+    k = _depth(terms.count, reduction)
+    if which == "weight":
+        e = terms.propagated + (k + 1) * (
+            acc_unit * terms.magnitude + underflow_quantum(acc_unit) * terms.count
+        )
+    else:
+        e = k * acc_unit * terms.magnitude
+    value = terms.value if reference is None else np.ravel(reference)
+    return _rounded(value, e + extra, out_dtype)
+
+
 def weight_grad_bound(
     stats: RowStats,
     grad_rows: np.ndarray,
@@ -499,15 +568,12 @@ def weight_grad_bound(
     """Bound on ``dw_j = Σ dy·x̂`` over the elements using parameter ``j`` (``param_index``,
     a ``(groups, n)`` matrix): ``Σ|dy|·E_x̂ + (k_j + 1)·u·Σ|dy·x̂|``, ``k_j`` the depth of
     parameter ``j``'s element count. Shape ``(params,)``."""
-    dy = np.asarray(grad_rows, dtype=np.float64)
-    e_x = _x_hat_error(stats, acc_unit, reduction, stats.n)
-    products = dy * stats.x_hat
-    count, value, propagated, magnitude = _param_sums(
-        param_index, params, np.ones_like(dy), products, np.abs(dy) * e_x, np.abs(products)
+    terms = param_grad_terms(
+        "weight", stats, grad_rows, param_index, params, acc_unit=acc_unit, reduction=reduction
     )
-    k = _depth(count, reduction)
-    e = propagated + (k + 1) * (acc_unit * magnitude + underflow_quantum(acc_unit) * count)
-    return _rounded(value if reference is None else np.ravel(reference), e, out_dtype)
+    return param_grad_from_terms(
+        "weight", terms, reference, out_dtype=out_dtype, acc_unit=acc_unit, reduction=reduction
+    )
 
 
 def bias_grad_bound(
@@ -523,10 +589,12 @@ def bias_grad_bound(
 ) -> np.ndarray:
     """Bound on ``dβ_j = Σ dy`` over the elements using parameter ``j``: ``k_j·u·Σ|dy|``.
     ``stats`` is unused but kept for symmetry with :func:`weight_grad_bound`."""
-    dy = np.asarray(grad_rows, dtype=np.float64)
-    count, value, magnitude = _param_sums(param_index, params, np.ones_like(dy), dy, np.abs(dy))
-    e = _depth(count, reduction) * acc_unit * magnitude
-    return _rounded(value if reference is None else np.ravel(reference), e, out_dtype)
+    terms = param_grad_terms(
+        "bias", stats, grad_rows, param_index, params, acc_unit=acc_unit, reduction=reduction
+    )
+    return param_grad_from_terms(
+        "bias", terms, reference, out_dtype=out_dtype, acc_unit=acc_unit, reduction=reduction
+    )
 
 
 def running_stats_bound(

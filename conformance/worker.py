@@ -136,15 +136,9 @@ def case_failure(
 ) -> CheckResult:
     """The one failed check a case gets when it could not be checked at all."""
     return CheckResult(
-        case_id=case.case_id,
-        norm=case.norm,
-        dtype=case.dtype,
+        **case.result_fields(),
         kind="contract",
         output="call",
-        shape=case.shape,
-        distribution=case.distribution,
-        layout=case.layout,
-        seed=case.seed,
         verdict="fail",
         message=message,
         diagnosis=diagnosis,

@@ -32,7 +32,11 @@ HANG_TIMEOUT_S = 2  # the endless loop's limit: far above a LayerNorm call on th
 
 def _layer_norm_cases(dtype: str, *distributions: str) -> list[str]:
     cases = select_cases(
-        norms=["layer_norm"], dtypes=[dtype], quick=True, distributions=list(distributions)
+        norms=["layer_norm"],
+        dtypes=[dtype],
+        quick=True,
+        distributions=list(distributions),
+        boundary=False,  # the value battery: PyTorch (the good path) fails a boundary case
     )
     return [c.case_id for c in cases]
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conformance import oracle64, speed, timing
-from conformance.cases import Case, _with_norm_defaults
+from conformance.cases import Case, with_norm_defaults
 from conformance.engine import select_cases
 from conformance.expected import expected
 from conformance.inputs import build_inputs, round_into
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _case(norm: str, dtype: str, shape: tuple[int, ...], groups: int = 1) -> Case:
-    return _with_norm_defaults(Case(norm, dtype, shape, "normal", 1, num_groups=groups))
+    return with_norm_defaults(Case(norm, dtype, shape, "normal", 1, num_groups=groups))
 
 
 # -- the bytes model, counted by hand -------------------------------------------------------------
@@ -320,10 +320,10 @@ def test_certify_with_speed_writes_the_speed_results_and_exits_1_on_a_missed_thr
 ) -> None:
     out = tmp_path / "report"
     argv = [sys.executable, "-m", "conformance", "certify", "--adapter", "torch"]
-    argv += ["--device", "cpu", "--quick", "--norm", "layer_norm", "--dtype", "float32"]
+    argv += ["--device", "cpu", "--quick", "--norm", "rms_norm", "--dtype", "float32"]
     argv += ["--speed", "--min-ratio", "2", "--no-progress", "--report-dir", str(out)]
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    # torch's float32 LayerNorm passes its accuracy checks; as its own baseline its ratio is 1,
+    # torch's float32 RMSNorm passes its accuracy checks; as its own baseline its ratio is 1,
     # never the 2 asked for
     assert run.returncode == 1, run.stdout + run.stderr
     assert "verdict: PASS" in run.stdout
@@ -334,7 +334,7 @@ def test_certify_with_speed_writes_the_speed_results_and_exits_1_on_a_missed_thr
     assert report["ceiling"]["gbps"] > 0
     ids = {r["speed_id"] for r in report["speed"]}
     assert ids == {
-        f"layer_norm-float32-{shape}-{d}"
+        f"rms_norm-float32-{shape}-{d}"
         for shape in ("1024x1024", "4096x1024")
         for d in ("forward", "backward")
     }

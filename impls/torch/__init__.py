@@ -21,6 +21,7 @@ model covers).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -107,7 +108,7 @@ def group_norm_with_stats(
     which, unlike ``F.group_norm``, needs a contiguous input: made so here)."""
     input = input.contiguous()
     batch, channels = input.shape[0], input.shape[1]
-    spatial = input[0, 0].numel()
+    spatial = math.prod(input.shape[2:])
     out, mean, rstd = torch.native_group_norm(
         input, weight, bias, batch, channels, spatial, num_groups, eps
     )
