@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from conformance import plots, report_markdown
-from conformance.report_html import (
+from conformance.html_page import (
     counts_text,
     esc,
     figure_html,

@@ -1,7 +1,9 @@
 """``report.json``: the report of record, read and written.
 
 The document is :meth:`RunRecord.to_dict` (schema ``normconf.report``, version
-:data:`SCHEMA_VERSION`; the README documents every field) written as strict JSON: the float
+:data:`SCHEMA_VERSION`; the README documents every field) with the run's ``coverage``
+(:mod:`conformance.coverage`, derived from the checks, ignored on reading) beside the checks,
+written as strict JSON: the float
 fields of the metrics and ``duration_s`` may be NaN or infinite (an adapter that returned NaN),
 and JSON has no such numbers, so they are written as the strings ``"nan"``, ``"inf"`` and
 ``"-inf"`` and turned back into floats on reading. Writing is atomic: a reader (or a crashed
@@ -18,6 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from conformance.coverage import coverage
 from conformance.results import GRADES, VERDICTS, Metrics, RunRecord, SpeedResult
 
 #: The Metrics fields that hold floats (and so may hold NaN or infinities).
@@ -29,7 +32,7 @@ _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 def dumps(record: RunRecord) -> str:
     """The JSON text of ``record`` (strict JSON, two-space indent, trailing newline)."""
-    document = encode_nonfinite(record.to_dict())
+    document = encode_nonfinite({**record.to_dict(), "coverage": coverage(record.checks)})
     text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False, default=_scalar)
     return text + "\n"
 

@@ -2,8 +2,9 @@
 
 Layout: title with the adapter's name and the verdict; the run's facts (adapter, hardware,
 software, seed, timing, command); the norm x dtype matrix of worst grades (the rule is in
-:mod:`conformance.summary`); a table per check kind; then every failure, grouped by norm, with
-its :func:`~conformance.messages.failure_message` and its reproduction command.
+:mod:`conformance.summary`); the coverage tables (:mod:`conformance.coverage`: which shape
+classes and layouts ran and passed); a table per check kind; then every failure, grouped by
+norm, with its :func:`~conformance.messages.failure_message` and its reproduction command.
 
 Every string in a report may come from the adapter under test (its name, its spec, exception
 texts, diagnoses built from its output) or from a ``report.json`` written elsewhere, so none is
@@ -21,9 +22,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from conformance import coverage
 from conformance.messages import failure_message, grade_words, visible
 from conformance.results import CheckResult, RunRecord
 from conformance.summary import (
+    DTYPE_ORDER,
     NORM_ORDER,
     NOT_RUN,
     SKIPPED,
@@ -92,6 +95,7 @@ def render_markdown(record: RunRecord) -> str:
         _header(record),
         _facts(record),
         _matrix(record),
+        _coverage(record),
         _kinds(record),
         _speed(record),
         _failures(record),
@@ -208,6 +212,43 @@ def _matrix(record: RunRecord) -> str:
     ]
     table = _table(["norm", *(escape(d) for d in dtypes)], rows)
     return f"## Grades by norm and dtype\n\nWorst grade over each cell's checks.\n\n{table}"
+
+
+_COVERAGE_MARKS = {"pass": "✅ ", "fail": "❌ ", "none": ""}
+
+
+def _coverage(record: RunRecord) -> str:
+    """One table per axis of :data:`conformance.coverage.AXES`: a row per norm and dtype, a
+    column per class, ``passed/cases`` in each cell."""
+    table = coverage.coverage(record.checks)
+    if not table:
+        return ""
+    parts = [
+        "## Coverage\n\nCases that ran and passed, by shape class and memory layout: a pass "
+        "covers these, no more (— : none ran)."
+    ]
+    norms = ordered(table, NORM_ORDER)
+    for axis, (title, classes) in coverage.AXES.items():
+        rows = []
+        for norm in norms:
+            for dtype in ordered(table[norm], DTYPE_ORDER):
+                counts = table[norm][dtype].get(axis, {})
+                cells = [
+                    _COVERAGE_MARKS[coverage.cell_state(counts.get(c))]
+                    + coverage.cell_text(counts.get(c))
+                    for c in classes
+                ]
+                rows.append([f"{escape(norm)} · {escape(dtype)}", *cells])
+        header = ["norm · dtype", *(escape(c) for c in classes)]
+        parts.append(f"### {title.capitalize()}\n\n{_table(header, rows)}")
+    absent = {axis: names for axis, names in coverage.missing(table).items() if names}
+    if absent:
+        lines = [
+            f"- {escape(coverage.AXES[a][0])}: {escape(', '.join(names))}"
+            for a, names in absent.items()
+        ]
+        parts.append("Not covered by any case of this run:\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def _kinds(record: RunRecord) -> str:

@@ -44,6 +44,7 @@ from test_report_html import Page
 from test_zoo import ZOO, _zoo_module
 
 from conformance.cli import main
+from conformance.coverage import AXES
 from conformance.engine import select_cases
 from conformance.merge import merge, render_merged_markdown
 from conformance.messages import failure_message, is_control, visible
@@ -182,10 +183,10 @@ def test_certify_report_and_merge_make_no_network_connection(tmp_path: Path) -> 
     w = watch(tmp_path)
     runs, merged = tmp_path / "run", tmp_path / "merged"
     certify = w.python(
-        "-m", "conformance", "certify", "--adapter", "torch", "--quick", "--norm", "layer_norm",
+        "-m", "conformance", "certify", "--adapter", "torch", "--quick", "--norm", "rms_norm",
         "--dtype", "float32", "--device", "cpu", "--no-progress", "--report-dir", str(runs),
     )  # fmt: skip
-    _ran(certify, 0)  # torch's float32 LayerNorm passes
+    _ran(certify, 0)  # torch's float32 RMSNorm passes
     _ran(w.python("-m", "conformance", "report", str(runs)), 0)
     _ran(w.python("-m", "conformance", "report", "merge", str(runs), "--out", str(merged)), 0)
     assert (merged / "report.html").is_file()
@@ -372,7 +373,8 @@ def assert_literal_markdown(markdown: str, headings: tuple[str, ...]) -> list[st
 
 def test_markdown_report_shows_the_text_literally(hostile: HostileRun) -> None:
     markdown = (hostile.run / "report.md").read_text(encoding="utf-8")
-    sections = ("## Grades by norm and dtype", "## Checks by kind", "## Failures (2)")
+    coverage = ("## Coverage", *(f"### {AXES[a][0].capitalize()}" for a in AXES))
+    sections = ("## Grades by norm and dtype", *coverage, "## Checks by kind", "## Failures (2)")
     own = ("# normconf report: ", *sections, "### layer\\_norm", "#### layer\\_norm-float16-")
     blocks = assert_literal_markdown(markdown, own)
     title = markdown.splitlines()[0]
@@ -422,7 +424,9 @@ def test_markdown_of_a_tampered_report_json(hostile: HostileRun) -> None:
         )
     ]
     single = render_markdown(record)
-    assert_literal_markdown(single, ("# normconf report: ", "## ", "### layer\\_norm", "#### "))
+    coverage = tuple(f"### {AXES[a][0].capitalize()}" for a in AXES)
+    own = ("# normconf report: ", "## ", "### layer\\_norm", *coverage, "#### ")
+    assert_literal_markdown(single, own)
     prose, _ = markdown_blocks(single)
     assert not any(line.startswith(("# dtype", "1. list", "- speed id")) for line in prose)
     merged = render_merged_markdown(merge([record]))
