@@ -101,7 +101,7 @@ def _reference(
         if backward:
             grads = backward_references(changed, convention)
             return {k: v for k, v in grads.items() if v is not None}
-        return compute(changed, convention, backward=False).values
+        return compute(changed, convention, backward=False, statistics=False).values
 
     return Candidate(words, run, changed, convention)
 
@@ -205,7 +205,7 @@ def _interleaved_groups(inputs: CaseInputs, declared: Mapping[str, Any], backwar
     }
     permuted = replace(inputs, arrays=arrays, grads=grads)
     if not backward:
-        values = compute(permuted, declared, backward=False).values
+        values = compute(permuted, declared, backward=False, statistics=False).values
         return {"output": np.take(values["output"], inverse, axis=1)}
     result = {}
     for name, value in backward_references(permuted, declared).items():
@@ -313,7 +313,7 @@ def candidate_bound(
 #: The largest case (in elements) on which candidates are evaluated: each one recomputes the
 #: references (the backward ones at a few million elements per second). Larger cases get the
 #: signatures only; every distribution also runs on the battery's smaller shapes.
-CANDIDATE_ELEMENTS = {"forward": 2**18, "backward": 2**16}
+CANDIDATE_ELEMENTS = {"forward": 2**18, "backward": 2**18}
 
 
 def diagnose(
@@ -424,5 +424,7 @@ def _signature(
         half = reduced.split(":")[0]
         explained += f"; the output is also {half}, which would explain it as well"
     return (
-        explained or reduced or signatures.sequential_reduction(actual, reference, model, bound_for)
+        explained
+        or reduced
+        or signatures.sequential_reduction(actual, reference, model, bound_for, output)
     )

@@ -129,20 +129,27 @@ def sequential_reduction(
     reference: np.ndarray,
     model: CaseModel,
     bound_for: Callable[[CaseModel], np.ndarray],
+    output: str = "output",
 ) -> str | None:
     """A result that fails the model for tree reductions (depth ~16) but passes it for a
-    sequential one (depth n - 1): the kernel sums its reduction groups left to right."""
+    sequential one (depth n - 1): the kernel sums its reduction groups (for a weight or bias
+    gradient: the terms of each parameter, across the groups) left to right."""
     if model.reduction != "tree":
         return None
     sequential = replace(model, reduction="sequential")
     m = metrics.compare(actual, reference, bound_for(sequential), model.case.dtype)
     if m.mismatched:
         return None
+    g = model.grouping
+    if output in ("grad_weight", "grad_bias"):
+        terms = g.groups * g.n // max(g.params, 1)
+        what = f"the {terms} terms summed into each element of {output}"
+    else:
+        what = f"the {g.n} elements of a group"
     return (
-        f"within the tolerance for a sequential (left-to-right) reduction of the "
-        f"{model.grouping.n} elements of a group, but not for a tree reduction: the sums are "
-        f"accumulated sequentially (declare normconf_reduction = 'sequential' if intended); "
-        f"{summary(m)}"
+        f"within the tolerance for a sequential (left-to-right) reduction of {what}, but not "
+        f"for a tree reduction: the sums are accumulated sequentially (declare "
+        f"normconf_reduction = 'sequential' if intended); {summary(m)}"
     )
 
 
