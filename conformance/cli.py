@@ -18,10 +18,12 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from conformance import explorer
 from conformance.cases import DTYPES, Case
 from conformance.distributions import DISTRIBUTIONS
 from conformance.progress import ProgressBar, SpeedProgress
@@ -82,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every check kind and distribution class, fewer shapes and seeds",
     )
+    c.add_argument(
+        "--large",
+        action="store_true",
+        help="add the GPU-sized cases: tensors past 2^31 elements, rows past 65535 tiles, "
+        "rows past 2^20 (LayerNorm and RMSNorm; slow and memory-hungry on a CPU)",
+    )
     c.add_argument("--seed", type=int, default=0, help="run seed (each case derives its own)")
     c.add_argument(
         "--case",
@@ -89,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="CASE_ID",
         help="run exactly this case (repeatable; from a report)",
+    )
+    c.add_argument(
+        "--explore-budget",
+        type=_elements,
+        metavar="N",
+        help="elements the shape and stride explorer may draw per norm (default: "
+        f"{explorer.FULL.elements}, --quick {explorer.QUICK.elements}; 0: no exploring)",
     )
     c.add_argument(
         "--convention",
@@ -199,6 +214,26 @@ def _timeout(args: argparse.Namespace) -> float | None:
     return None if args.in_process else float(args.timeout)
 
 
+def _elements(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of elements") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def explore_budget(args: argparse.Namespace) -> explorer.Budget | None:
+    """The explorer's budget for a certify run: none for named cases or distributions."""
+    if args.case or args.distribution or args.explore_budget == 0:
+        return None
+    budget = explorer.QUICK if args.quick else explorer.FULL
+    if args.explore_budget is not None:
+        budget = replace(budget, elements=args.explore_budget)
+    return budget
+
+
 def _fraction(text: str) -> float:
     value = _positive(text)
     if value > 1:
@@ -228,6 +263,7 @@ def default_report_dir(adapter_name: str, device: str) -> Path:
 def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from conformance.engine import certify, select_cases
     from conformance.inputs import build_inputs
+    from conformance.large import estimate
     from conformance.replay import save_inputs
     from conformance.reports import write_reports
     from conformance.stream import StreamWriter, read_stream
@@ -244,10 +280,13 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             seed=args.seed,
             case_ids=args.case,
             distributions=args.distribution,
+            large=args.large,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     cases = [c for c in cases if c.norm in adapter.norms()]
+    if args.large:
+        print(estimate([c for c in cases if c.large], device), file=sys.stderr)
     if not cases:
         raise UsageError(f"no cases to run: {adapter.name} implements {', '.join(adapter.norms())}")
     earlier = None
@@ -258,6 +297,9 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise UsageError(str(exc)) from None
         _check_resumable(earlier.run, adapter.spec, args)
         cases = [c for c in cases if c.case_id not in earlier.cases]
+    explored = set()
+    if earlier is not None:  # a norm whose search finished is not searched again
+        explored = {c.norm for c in earlier.record().checks if c.output == "search"}
     directory = args.resume or args.report_dir or default_report_dir(adapter.name, device)
     conventions: dict[str, dict[str, object]] | None = {} if args.convention == "pytorch" else None
     bar = ProgressBar(sys.stderr, enabled=not args.no_progress)
@@ -265,7 +307,7 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     def progress(done: int, total: int, case: Case, results: list[CheckResult]) -> None:
         assert stream is not None
-        if any(r.verdict == "fail" for r in results):
+        if any(r.verdict == "fail" for r in results) and not case.large:
             save_inputs(directory, build_inputs(case))  # for normconf replay CASE_ID
         stream.case(case.case_id, results)
         bar(done, total, case, results)
@@ -289,6 +331,9 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             progress=progress,
             started=started,
             timeout=_timeout(args),
+            explore=explore_budget(args),
+            explore_norms=[n for n in args.norm or adapter.norms() if n not in explored],
+            explore_dtypes=args.dtype,
         )
         assert stream is not None
         if earlier is not None:

@@ -90,6 +90,8 @@ _ADAPTER_KEY = pytest.StashKey[Any]()
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "conformance_speed_case" in metafunc.fixturenames:
         _speed_cases(metafunc)
+    if "conformance_explore_norm" in metafunc.fixturenames:
+        _explore_norms(metafunc)
     if "conformance_case" not in metafunc.fixturenames:
         return
     loaded = _adapter(metafunc.config)
@@ -158,6 +160,19 @@ def conformance_runner(request: pytest.FixtureRequest, conformance_target: Any) 
         conformance_target, timeout=timeout, seed=seed, extra=extra, baseline=baseline
     ) as runner:
         yield runner
+
+
+def _explore_norms(metafunc: pytest.Metafunc) -> None:
+    """One explorer search per norm the adapter implements (and ``--norm`` selects)."""
+    loaded = _adapter(metafunc.config)
+    if loaded is None:
+        skipped = pytest.param(None, marks=pytest.mark.skip(reason="no --adapter given"))
+        metafunc.parametrize("conformance_explore_norm", [skipped], ids=["no-adapter"])
+        return
+    adapter, _ = loaded
+    wanted = metafunc.config.getoption("--norm")
+    norms = [n for n in adapter.norms() if not wanted or n in wanted]
+    metafunc.parametrize("conformance_explore_norm", norms, ids=[f"explore-{n}" for n in norms])
 
 
 def _speed_cases(metafunc: pytest.Metafunc) -> None:

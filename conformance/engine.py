@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
+from conformance import explorer
 from conformance.cases import DTYPES, Case, catalogue
 from conformance.checks import Target
+from conformance.large import large_cases
 from conformance.messages import reproduction_command
 from conformance.results import CheckResult, RunRecord
 from conformance.specs import NORM_NAMES
@@ -77,9 +79,12 @@ def select_cases(
     seed: int = 0,
     case_ids: Sequence[str] = (),
     distributions: Sequence[str] | None = None,
+    large: bool = False,
+    boundary: bool = True,
 ) -> list[Case]:
     """The cases of a run: named case ids, or the catalogue filtered by norm, dtype and
-    distribution."""
+    distribution, and with ``large`` the GPU-sized cases of :mod:`conformance.large` after it
+    (``boundary=False``: without the boundary battery)."""
     from conformance.cases import parse_case_id
 
     if case_ids:
@@ -90,7 +95,15 @@ def select_cases(
     for name in dtypes or ():
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
-    cases = catalogue(norms=norms or NORM_NAMES, dtypes=dtypes or DTYPES, quick=quick, seed=seed)
+    cases = catalogue(
+        norms=norms or NORM_NAMES,
+        dtypes=dtypes or DTYPES,
+        quick=quick,
+        seed=seed,
+        boundary=boundary,
+    )
+    if large:
+        cases += large_cases(norms or NORM_NAMES, dtypes or DTYPES, seed)
     if distributions:
         cases = [c for c in cases if c.distribution in distributions]
     return cases
@@ -108,8 +121,13 @@ def certify(
     progress: Progress | None = None,
     started: Callable[[RunRecord], None] | None = None,
     timeout: float | None = None,
+    explore: explorer.Budget | None = None,
+    explore_norms: Sequence[str] | None = None,
+    explore_dtypes: Sequence[str] | None = None,
 ) -> RunRecord:
-    """Run every case through ``adapter`` (an :class:`impls.adapter.Adapter`).
+    """Run every case through ``adapter`` (an :class:`impls.adapter.Adapter`), then, with an
+    ``explore`` budget, the explorer (:mod:`conformance.explorer`) on each of ``explore_norms``
+    (default: every norm the adapter implements) over ``explore_dtypes`` (default: all).
 
     ``conventions`` overrides what the adapter declares (``{}`` certifies against PyTorch's
     conventions whatever the adapter says). ``started`` sees the record before the first case
@@ -145,14 +163,48 @@ def certify(
     )
     if started is not None:
         started(record)
+    searches = []
+    if explore is not None:
+        searches = [n for n in (explore_norms or adapter.norms()) if n in adapter.norms()]
+    total = len(cases) + len(searches)
     with open_runner(target, timeout=timeout, seed=seed, extra=extra) as runner:
         for done, case in enumerate(cases, 1):
             results = runner.run_case(case)
             record.checks.extend(results)
             if progress is not None:
-                progress(done, len(cases), case, results)
+                progress(done, total, case, results)
+        for done, norm in enumerate(searches, len(cases) + 1):
+            assert explore is not None
+            search = _explore(adapter, runner, norm, device, explore_dtypes, seed, explore)
+            if search is None:
+                continue
+            results = search.recorded()
+            record.checks.extend(results)
+            if progress is not None:
+                progress(done, total, search.failing or search.drawn[-1], results)
     record.finished = now()
     return record
+
+
+def _explore(
+    adapter: Any,
+    runner: Any,
+    norm: str,
+    device: str,
+    dtypes: Sequence[str] | None,
+    seed: int,
+    budget: explorer.Budget,
+) -> explorer.Search | None:
+    """One norm's search over the dtypes the adapter supports here (None: it supports none)."""
+    supported = [
+        d
+        for d in adapter.dtypes[norm]
+        if adapter.supports(norm, d, device) and (dtypes is None or d in dtypes)
+    ]
+    if not supported:
+        return None
+    search = explorer.explore(runner.run_case, norm, supported, seed=seed, budget=budget)
+    return search if search.drawn else None
 
 
 def certify_speed(

@@ -275,3 +275,51 @@ def grade(metrics: Metrics) -> str:
     if metrics.max_ulp <= 1:
         return faithful
     return within_tolerance
+
+
+def merge(parts: list[tuple[int, Metrics]]) -> Metrics:
+    """The metrics of a tensor compared in row blocks: ``(first_row, metrics)`` per block, each
+    block's indices counted from its first row. Counts, extremes and histograms merge exactly;
+    the median and 99th percentile are read off the merged histogram (the upper edge of the bin
+    they fall in, the last edge for the open bin)."""
+    blocks = [(start, m) for start, m in parts if m.n]
+    if not blocks:
+        return _empty_metrics()
+
+    def shifted(start: int, index: tuple[int, ...]) -> tuple[int, ...]:
+        return (index[0] + start, *index[1:]) if index else index
+
+    n = sum(m.n for _, m in blocks)
+    histogram = np.sum([m.ulp_histogram for _, m in blocks], axis=0)
+    start_abs, by_abs = max(blocks, key=lambda b: b[1].max_abs_error)
+    start_rel, by_rel = max(blocks, key=lambda b: b[1].max_rel_error)
+    start_worst, worst = max(blocks, key=lambda b: (b[1].max_ratio, b[1].worst_ulp))
+    return Metrics(
+        n=n,
+        mismatched=sum(m.mismatched for _, m in blocks),
+        max_ulp=max(m.max_ulp for _, m in blocks),
+        p50_ulp=_histogram_quantile(histogram, 0.5),
+        p99_ulp=_histogram_quantile(histogram, 0.99),
+        frac_correctly_rounded=sum(m.frac_correctly_rounded * m.n for _, m in blocks) / n,
+        frac_faithful=sum(m.frac_faithful * m.n for _, m in blocks) / n,
+        max_abs_error=by_abs.max_abs_error,
+        max_abs_index=shifted(start_abs, by_abs.max_abs_index),
+        max_rel_error=by_rel.max_rel_error,
+        max_rel_index=shifted(start_rel, by_rel.max_rel_index),
+        max_ratio=worst.max_ratio,
+        worst_index=shifted(start_worst, worst.worst_index),
+        worst_actual=worst.worst_actual,
+        worst_reference=worst.worst_reference,
+        worst_ulp=worst.worst_ulp,
+        worst_tolerance_ulp=worst.worst_tolerance_ulp,
+        nonfinite_mismatches=sum(m.nonfinite_mismatches for _, m in blocks),
+        ulp_histogram=[int(c) for c in histogram],
+    )
+
+
+def _histogram_quantile(histogram: np.ndarray, q: float) -> float:
+    """The upper edge of the histogram bin holding the ``q`` quantile."""
+    rank = math.ceil(q * (int(histogram.sum()) - 1)) + 1
+    bin_index = int(np.searchsorted(np.cumsum(histogram), rank))
+    edges = ULP_HISTOGRAM_EDGES
+    return float(edges[bin_index]) if bin_index < len(edges) else float(edges[-1])

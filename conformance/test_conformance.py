@@ -69,6 +69,28 @@ def _hypothesis_reproduce(case: Case) -> str:
     return "rerun this test: hypothesis replays the falsifying example printed with it"
 
 
+def test_explore(
+    conformance_target: Any, conformance_runner: Any, conformance_explore_norm: str, request: Any
+) -> None:
+    """The shape and stride explorer on one norm (:mod:`conformance.explorer`): hypothesis draws
+    shapes, strides, offsets and gradient layouts from the run seed and shrinks a failure to the
+    smallest failing case, whose id ``--case`` reruns."""
+    __tracebackhide__ = True
+    from conformance.explorer import FULL, QUICK, explore
+
+    target, norm = conformance_target, conformance_explore_norm
+    adapter = target.adapter
+    dtypes = [d for d in adapter.dtypes[norm] if adapter.supports(norm, d, target.device)]
+    wanted = request.config.getoption("--dtype")
+    dtypes = [d for d in dtypes if not wanted or d in wanted]
+    if not dtypes:
+        pytest.skip(f"{adapter.name} supports {norm} in no selected dtype on {target.device}")
+    seed = request.config.getoption("--conformance-seed")
+    budget = QUICK if request.config.getoption("--quick") else FULL
+    search = explore(conformance_runner.run_case, norm, dtypes, seed=seed, budget=budget)
+    _assert_passed(search.recorded())
+
+
 @pytest.mark.speed
 def test_speed(
     conformance_target: Any,
