@@ -36,8 +36,10 @@ statistics, then the chunks again for the output.
 
 Backward (:func:`backward_kernel`): a persistent grid of ``P`` programs (a few per GPU core),
 program ``p`` taking row blocks ``p, p + P, ...``; it accumulates ``dy * x_hat`` and ``dy`` for
-its rows in registers and writes them to row ``p`` of float32 ``(P, N)`` partial buffers, which
-:func:`impls.triton.primitives.reduce_partials` sums in a fixed order. A row that fits one tile
+its rows in registers — a tree sum within each block, compensated (Neumaier) sums across the
+blocks, so that a program's thousands of rows cost no more accuracy than a tree — and writes
+them to row ``p`` of float32 ``(P, N)`` partial buffers, which
+:func:`impls.triton.primitives.reduce_partials` sums, compensated too, in a fixed order. A row that fits one tile
 is read once. Wider rows take two kernels: :func:`backward_sums_kernel` computes ``c1`` and
 ``c2`` per row, then :func:`backward_kernel` runs on a ``(P, chunks)`` grid, each program on one
 chunk of columns with the row sums given.
@@ -49,6 +51,8 @@ import triton
 import triton.language as tl
 
 from impls.triton.primitives import (
+    column_sum,
+    compensated_add,
     load_float32,
     merge_chunk,
     round_to,
@@ -357,6 +361,8 @@ def backward_kernel(
         w = _effective_weight(W, cols, col_ok, weight_offset, INTERPRETED)
     acc_w = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    err_w = tl.zeros([BLOCK_N], dtype=tl.float32)
+    err_b = tl.zeros([BLOCK_N], dtype=tl.float32)
     for block in range(program, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
@@ -387,10 +393,11 @@ def backward_kernel(
         store_rounded(DX + offsets, dz * scale_x, mask, INTERPRETED)
         if HAS_R:
             store_rounded(DR + offsets, dz * scale_r, mask, INTERPRETED)
-        acc_w += tl.sum(dy * x_hat, axis=0)
-        acc_b += tl.sum(dy, axis=0)
+        dw = column_sum(dy * x_hat, BLOCK_M, BLOCK_N, INTERPRETED)
+        acc_w, err_w = compensated_add(acc_w, err_w, dw)
+        acc_b, err_b = compensated_add(acc_b, err_b, column_sum(dy, BLOCK_M, BLOCK_N, INTERPRETED))
     partial = program.to(tl.int64) * N + cols
     if ACC_W:
-        tl.store(PW + partial, acc_w, mask=col_ok)
+        tl.store(PW + partial, acc_w + err_w, mask=col_ok)
     if ACC_B:
-        tl.store(PB + partial, acc_b, mask=col_ok)
+        tl.store(PB + partial, acc_b + err_b, mask=col_ok)

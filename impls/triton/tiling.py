@@ -7,8 +7,8 @@ so any shape runs with any block. The choices:
   tile of ``next_pow2(n)`` columns when ``n <= MAX_TILE_COLUMNS``: its statistics, its output and
   its gradients then come from one read. Wider rows are walked in chunks of ``CHUNK_COLUMNS``.
   A program takes ``block_m`` rows at once, as many as fit ``TILE_ELEMENTS`` (at most
-  ``MAX_BLOCK_M``): narrow rows are many to a program, which keeps the GPU's lanes busy and the
-  interpreter's NumPy calls few.
+  ``MAX_BLOCK_M``; both scaled under the interpreter): narrow rows are many to a program, which
+  keeps the GPU's lanes busy and the interpreter's NumPy calls few.
 * **Groups** (GroupNorm). A group of ``channels_per_group x spatial`` elements is a row of
   ``block_c * block_s`` columns (``block_c`` channels by ``block_s`` positions), held whole when
   it fits ``MAX_GROUP_TILE``, ``block_r`` groups to a program; a larger group is walked chunk by
@@ -70,7 +70,7 @@ def row_tiling(n: int) -> RowTiling:
     """The tiling for rows of ``n`` elements."""
     single = n <= MAX_TILE_COLUMNS
     block_n = max(MIN_BLOCK, next_power_of_2(n)) if single else CHUNK_COLUMNS
-    block_m = max(1, min(MAX_BLOCK_M, _budget(TILE_ELEMENTS) // block_n))
+    block_m = max(1, min(_budget(MAX_BLOCK_M), _budget(TILE_ELEMENTS) // block_n))
     chunks = -(-n // block_n)
     return RowTiling(block_m, block_n, single, chunks, warps(block_m * block_n))
 
