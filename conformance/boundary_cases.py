@@ -104,7 +104,7 @@ BATCH: tuple[Boundary, ...] = (
     _b((0, 3, 4), 1, quick=True, training=False),  # empty, with running statistics
     _b((6, 4, 9), 1, "b0 o2 gb0"),
     _b((3, 2, 5, 3), 1, "pad1 o3 gnc", quick=True, training=False),
-    _b((5, 1, 3, 7), 1, "tr go2"),  # one channel
+    _b((5, 1, 3, 7), 1, "tr go2", quick=True),  # one channel
 )
 
 #: InstanceNorm: ``(shape, 1, layouts)``.
@@ -115,7 +115,7 @@ INSTANCE: tuple[Boundary, ...] = (
     _b((2, 3, 3, 5, 7), 1, "cl o3 gcl"),
     _b((0, 3, 4), 1, quick=True),
     _b((4, 3, 33), 1, "b0 o2 gnc", quick=True),
-    _b((1, 1, 9, 7), 1, "pad1 gb0"),  # one plane
+    _b((1, 1, 9, 7), 1, "pad1 gb0", quick=True),  # one plane
 )
 
 _BY_NORM = {"group_norm": GROUP, "batch_norm": BATCH, "instance_norm": INSTANCE}

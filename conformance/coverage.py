@@ -17,7 +17,7 @@ from typing import Any
 
 from conformance.layouts import LAYOUT_CLASSES, classes_of_name
 from conformance.results import CheckResult
-from conformance.shape_classes import SHAPE_CLASSES
+from conformance.shape_classes import SHAPE_CLASSES, classes_for
 
 #: The axes of the coverage table, their classes in table order, and what each axis is called.
 AXES: Mapping[str, tuple[str, tuple[str, ...]]] = {
@@ -63,13 +63,17 @@ def coverage(checks: Iterable[CheckResult]) -> Coverage:
 
 
 def missing(table: Coverage) -> dict[str, list[str]]:
-    """Per axis, the classes that no case of the run exercised at all."""
+    """Per axis, the classes that no case of the run exercised at all (shape classes: of those
+    the run's norms can have, :func:`conformance.shape_classes.classes_for`)."""
     seen: dict[str, set[str]] = {axis: set() for axis in AXES}
     for dtypes in table.values():
         for axes in dtypes.values():
             for axis, counts in axes.items():
                 seen[axis].update(counts)
-    return {axis: [c for c in AXES[axis][1] if c not in seen[axis]] for axis in AXES}
+    possible = {c for norm in table for c in classes_for(norm)}
+    out = {axis: [c for c in AXES[axis][1] if c not in seen[axis]] for axis in AXES}
+    out["shape"] = [c for c in out["shape"] if c in possible]
+    return out
 
 
 def cell_text(entry: Mapping[str, Any] | None) -> str:

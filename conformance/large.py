@@ -86,7 +86,8 @@ def estimate(cases: Sequence[Case], device: str) -> str:
     largest = max(cases, key=lambda c: c.elements)
     itemsize = np.dtype(_numpy(largest.dtype)).itemsize
     line = (
-        f"--large: {len(cases)} cases, the largest {largest.elements:.3g} elements "
+        f"--large: {len(cases)} case{'s' if len(cases) > 1 else ''}, the largest "
+        f"{largest.elements:.3g} elements "
         f"({largest.elements * itemsize / 2**30:.1f} GiB a tensor)"
     )
     seconds = sum(

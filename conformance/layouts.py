@@ -81,65 +81,42 @@ class Layout:
     def contiguous(self) -> bool:
         return self == CONTIGUOUS
 
+    def parts(self) -> list[tuple[str, str, str]]:
+        """``(token, word, class)`` of each choice this layout makes, in token order: the one
+        table the case-id tokens, the report's words and the coverage classes are read from."""
+        out = []
+        if isinstance(self.order, str):
+            token = "cl" if self.order == "channels_last" else "tr"
+            out.append((token, self.order, self.order))
+        elif self.order:
+            digits = "".join(map(str, self.order))
+            out.append((f"p{digits}", f"permuted({','.join(digits)})", "permuted"))
+        if self.step == 2:
+            out.append(("nc", "noncontiguous", "strided"))
+        if self.pad:
+            out.append((f"pad{self.pad}", f"padded({self.pad})", "padded"))
+        if self.offset:
+            out.append((f"o{self.offset}", f"offset({self.offset})", "offset"))
+        if self.broadcast is None:
+            out.append(("b", "expanded(all)", "expanded"))
+        elif self.broadcast:
+            digits = "".join(map(str, self.broadcast))
+            out.append((f"b{digits}", f"expanded({','.join(digits)})", "expanded"))
+        return out
+
     def tokens(self, prefix: str = "") -> list[str]:
         """The case-id tokens of this layout, each with ``prefix`` (see the module docstring)."""
-        out = []
-        if self.order == "channels_last":
-            out.append("cl")
-        elif self.order == "transposed":
-            out.append("tr")
-        elif self.order:
-            out.append("p" + "".join(map(str, self.order)))
-        if self.step == 2:
-            out.append("nc")
-        if self.pad:
-            out.append(f"pad{self.pad}")
-        if self.offset:
-            out.append(f"o{self.offset}")
-        if self.broadcast is None:
-            out.append("b")
-        elif self.broadcast:
-            out.append("b" + "".join(map(str, self.broadcast)))
-        return [prefix + t for t in out]
+        return [prefix + token for token, _, _ in self.parts()]
 
     @property
     def name(self) -> str:
         """Words for reports: ``contiguous``, ``noncontiguous``, ``channels_last``,
         ``offset(1)``, ``expanded(0)``, joined by ``+``."""
-        if self.contiguous:
-            return "contiguous"
-        words = []
-        if isinstance(self.order, str):
-            words.append(self.order)
-        elif self.order:
-            words.append(f"permuted({','.join(map(str, self.order))})")
-        if self.step == 2:
-            words.append("noncontiguous")
-        if self.pad:
-            words.append(f"padded({self.pad})")
-        if self.offset:
-            words.append(f"offset({self.offset})")
-        if self.broadcast is None:
-            words.append("expanded(all)")
-        elif self.broadcast:
-            words.append(f"expanded({','.join(map(str, self.broadcast))})")
-        return "+".join(words)
+        return "+".join(word for _, word, _ in self.parts()) or "contiguous"
 
     def classes(self) -> tuple[str, ...]:
         """The coverage classes this layout exercises (:data:`LAYOUT_CLASSES`)."""
-        if self.contiguous:
-            return ("contiguous",)
-        found = set()
-        if self.order:
-            found.add(self.order if isinstance(self.order, str) else "permuted")
-        if self.step == 2:
-            found.add("strided")
-        if self.pad:
-            found.add("padded")
-        if self.offset:
-            found.add("offset")
-        if self.broadcast is None or self.broadcast:
-            found.add("expanded")
+        found = {c for _, _, c in self.parts()} or {"contiguous"}
         return tuple(c for c in LAYOUT_CLASSES if c in found)
 
     # -- geometry -------------------------------------------------------------------------------

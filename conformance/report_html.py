@@ -2,7 +2,8 @@
 
 Layout: a title with the adapter's name and the verdicts as badges (accuracy; speed when it was
 measured); the run's facts; the norm x dtype matrix of worst grades, colour-coded, with its legend
-(the rule is :func:`conformance.summary.cell_outcome`, as in ``report.md``); the checks by kind;
+(the rule is :func:`conformance.summary.cell_outcome`, as in ``report.md``); the coverage tables
+(:mod:`conformance.coverage`); the checks by kind;
 the figures of :mod:`conformance.plots`; the speed table when speed was measured; and every
 failure, grouped by norm in collapsible sections, with its explanation and the command that
 reproduces it.
@@ -66,6 +67,7 @@ def render_html(record: RunRecord) -> str:
         _nav(record),
         _facts(record),
         _matrix(record),
+        _coverage(record),
         _kinds(record),
         _figures(record),
         _speed(record),

@@ -52,6 +52,16 @@ BIG_GROUP = 2**16
 TILES = tuple(2**k for k in range(5, 18))
 
 
+def classes_for(norm: str) -> tuple[str, ...]:
+    """The classes a case of ``norm`` can fall in: the wide-row path is the trailing norms',
+    groups past 2^16, odd spatial sizes and C/G the channel norms' (C/G GroupNorm's alone)."""
+    if norm in TRAILING_NORMS:
+        excluded = {"big_group", "odd_groups", "odd_spatial"}
+    else:
+        excluded = {"wide_row"} | ({"odd_groups"} if norm != "group_norm" else set())
+    return tuple(c for c in SHAPE_CLASSES if c not in excluded)
+
+
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 

@@ -755,11 +755,22 @@ def test_emulated_adapter_passes_the_engine_checks(
     assert not failed, "; ".join(f"{r.kind} {r.output}: {r.message} {r.diagnosis}" for r in failed)
 
 
+#: The emulation runs each thread in turn: the quick battery's cases up to this many elements
+#: (its 65537-row and 16385-wide cases would take minutes each).
+EMULATED_ELEMENTS = 2**13
+
+
 @pytest.mark.slow
 def test_emulated_adapter_passes_the_quick_battery(emulated_adapter: Any) -> None:
     from conformance.engine import certify, select_cases
 
     cases = select_cases(norms=["layer_norm", "rms_norm"], quick=True)
+    cases = [c for c in cases if c.elements <= EMULATED_ELEMENTS]
+    # Still the layouts that break vector loads: misaligned, strided, transposed, expanded.
+    inputs = {k for c in cases for k in c.layout.classes()}
+    grads = {k for c in cases for k in c.grad_layout.classes()}
+    assert {"offset", "strided", "transposed", "expanded"} <= inputs | grads
+    assert {"tile_edge", "empty", "n1"} <= {k for c in cases for k in c.shape_classes}
     record = certify(emulated_adapter, cases, device="cpu", quick=True)
     failed = [c for c in record.checks if c.verdict == "fail"]
     assert record.verdict == "pass", "; ".join(f"{c.check_id}: {c.message}" for c in failed[:5])
