@@ -32,6 +32,7 @@ from conformance.calls import (
     subclass_problem,
 )
 from conformance.cases import Case
+from conformance.differential import explain_layout
 from conformance.expected import Expected, expected
 from conformance.inputs import (
     NUMPY_DTYPES,
@@ -62,8 +63,11 @@ class Target:
 
 
 class _Recorder:
-    def __init__(self, case: Case, target: Target, convention: dict[str, Any]) -> None:
+    def __init__(
+        self, case: Case, target: Target, convention: dict[str, Any], *, diagnose: bool = True
+    ) -> None:
         self.case, self.target, self.convention = case, target, convention
+        self.diagnose = diagnose
         self.results: list[CheckResult] = []
         self.started = time.perf_counter()
         self.kappa: float | None = None
@@ -102,7 +106,9 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
         return run_large_case(target, case)
     rec = _Recorder(case, target, target.convention(case.norm))
     try:
+        inputs = build_inputs(case) if inputs is None else inputs
         _run_checks(rec, target, case, inputs)
+        explain_layout(rec.results, case, inputs, lambda c, i: _rerun(target, c, i))
     except Exception as exc:
         why = f"{type(exc).__name__}: {first_line(exc)}"
         if "CUDA error" in why:
@@ -111,15 +117,22 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
     return rec.results
 
 
+def _rerun(target: Target, case: Case, inputs: CaseInputs) -> list[CheckResult]:
+    """The graded checks of ``case`` on ``inputs``, without diagnoses, the determinism check or
+    provided buffers (:mod:`conformance.differential`'s second look)."""
+    rec = _Recorder(case, target, target.convention(case.norm), diagnose=False)
+    _run_checks(rec, target, case, inputs, extras=False)
+    return rec.results
+
+
 def _run_checks(
-    rec: _Recorder, target: Target, case: Case, inputs: CaseInputs | None = None
+    rec: _Recorder, target: Target, case: Case, inputs: CaseInputs, *, extras: bool = True
 ) -> None:
     adapter, norm = target.adapter, case.norm
     if not adapter.supports(norm, case.dtype, target.device):
         why = f"{adapter.name} does not declare {norm} in {case.dtype} on {target.device}"
         rec.add("forward", "call", "skip", message=why)
         return
-    inputs = build_inputs(case) if inputs is None else inputs
     want_backward = bool(adapter.backward.get(norm, False))
     inplace = bool(getattr(adapter, "inplace", False))
     outcome = call_adapter(
@@ -152,6 +165,8 @@ def _run_checks(
         _running_stats(rec, inputs, outcome, exp, model)
     if want_backward and kind == "forward":
         _backward(rec, inputs, outcome, exp, model, target.device)
+    if not extras:
+        return
     _determinism(rec, adapter, inputs, outcome, target.device, want_backward and kind == "forward")
     if norm in getattr(adapter, "out", ()):
         _provided_buffers(rec, adapter, inputs, exp, model, graders, target.device, kind)
@@ -202,7 +217,7 @@ def _compare(
     grade = metrics.grade(m)
     verdict = "fail" if grade == "fail" else "pass"
     diagnosis = cause if verdict == "fail" else None
-    if verdict == "fail" and cause is None:
+    if verdict == "fail" and cause is None and rec.diagnose:
         try:
             with np.errstate(all="ignore"):
                 diagnosis = fingerprint.diagnose(

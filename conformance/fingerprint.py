@@ -313,7 +313,7 @@ def candidate_bound(
 #: The largest case (in elements) on which candidates are evaluated: each one recomputes the
 #: references (the backward ones at a few million elements per second). Larger cases get the
 #: signatures only; every distribution also runs on the battery's smaller shapes.
-CANDIDATE_ELEMENTS = {"forward": 2**18, "backward": 2**18}
+CANDIDATE_ELEMENTS = {"forward": 2**18, "backward": 2**16}
 
 
 def diagnose(
@@ -352,6 +352,9 @@ def diagnose(
     if search.only_nan:
         return f"NaN where the declared convention gives finite values, as under {as_under}"
     text = f"no known convention or defect explains it ({signatures.summary(failed)})"
+    where = signatures.where_wrong(actual, reference, bound, model, output)
+    if where:
+        text += f"; {where}"
     if search.best is not None and search.best[0] < failed.max_ratio / 4:
         _, words, m = search.best
         text += f"; closest: {words} ({signatures.summary(m, ' of that result')})"

@@ -124,6 +124,36 @@ def reduced_precision(
     )
 
 
+def where_wrong(
+    actual: np.ndarray, reference: np.ndarray, bound: np.ndarray, model: CaseModel, output: str
+) -> str | None:
+    """Where the wrong elements of an elementwise output lie, when that names a boundary: every
+    wrong group at index 2^k or beyond and none before (a row index, count or grid dimension
+    that stops or wraps there), or every wrong element at column 2^k or beyond of its group and
+    none before (a tail past a tile of 2^k)."""
+    if output in ("grad_weight", "grad_bias", "mean", "rstd", "running_mean", "running_var"):
+        return None
+    bad = model.rows(bad_elements(actual, reference, bound).astype(np.float64)) > 0
+    if not bad.any():
+        return None
+    rows, columns = bad.any(axis=1), bad.any(axis=0)
+    first_row, first_column = int(np.argmax(rows)), int(np.argmax(columns))
+    if first_row >= 2**10 and first_row & (first_row - 1) == 0:
+        k = first_row.bit_length() - 1
+        return (
+            f"every wrong element is in the groups from {first_row} = 2^{k} on (of "
+            f"{rows.size}), none before: a row index, count or grid dimension that stops or "
+            f"wraps at 2^{k}"
+        )
+    n = bad.shape[1]
+    if 32 <= first_column < n and first_column & (first_column - 1) == 0:
+        return (
+            f"every wrong element is in columns {first_column} to {n - 1} of its group, none "
+            f"before: the tail past a tile of {first_column}"
+        )
+    return None
+
+
 def sequential_reduction(
     actual: np.ndarray,
     reference: np.ndarray,

@@ -108,3 +108,29 @@ def test_the_empty_batch_crash_names_the_call_that_raised() -> None:
     assert failed.kind == "contract"
     assert "empty" in failed.case_id.split("-")
     assert "invalid configuration argument" in failed.message
+
+
+@pytest.mark.parametrize(
+    ("name", "phrase"),
+    [
+        ("row_wrap", "from 65536 = 2^16 on"),
+        (
+            "grad_strides_ignored",
+            "right with the same values in contiguous tensors, wrong with grad_output",
+        ),
+        ("grad_expanded_as_dense", "wrong with grad_output expanded"),
+    ],
+)
+def test_the_diagnosis_names_the_boundary_or_the_layout(name: str, phrase: str) -> None:
+    """A row index that wraps is located at 2^16; a layout bug is found by running the same
+    values again in contiguous tensors, and named by the role whose layout breaks it (the NaN a
+    stride-0 grad_output read as dense returns is not blamed on the math)."""
+    record, _ = _run(name, True)
+    failed = [c for c in record.checks if c.verdict == "fail"]
+    assert failed
+    unnamed = [
+        f"{c.case_id} {c.output}: {c.diagnosis}"
+        for c in failed
+        if phrase not in (c.diagnosis or "")
+    ]
+    assert not unnamed, "\n".join(unnamed)

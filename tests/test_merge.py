@@ -37,6 +37,7 @@ def torch_run() -> RunRecord:
         dtypes=["float32", "bfloat16"],
         quick=True,
         distributions=["normal"],
+        boundary=False,  # the reports' rendering; tests/test_coverage.py has the boundaries
     )
     return certify(load_adapter("torch"), cases, device="cpu", quick=True)
 
