@@ -40,9 +40,9 @@ its rows in registers — a tree sum within each block, compensated (Neumaier) s
 blocks, so that a program's thousands of rows cost no more accuracy than a tree — and writes
 them to row ``p`` of float32 ``(P, N)`` partial buffers, which
 :func:`impls.triton.primitives.reduce_partials` sums, compensated too, in a fixed order. A row
-that fits one tile is read once. Wider rows take two kernels: :func:`backward_sums_kernel` computes ``c1`` and
-``c2`` per row, then :func:`backward_kernel` runs on a ``(P, chunks)`` grid, each program on one
-chunk of columns with the row sums given.
+that fits one tile is read once. Wider rows take two kernels: :func:`backward_sums_kernel`
+computes ``c1`` and ``c2`` per row, then :func:`backward_kernel` runs on a ``(P, chunks)``
+grid, each program on one chunk of columns with the row sums given.
 """
 
 from __future__ import annotations
