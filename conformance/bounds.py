@@ -171,3 +171,31 @@ def param_grad(
         reduction=m.reduction,
     )
     return np.asarray(bound).reshape(np.shape(reference))
+
+
+def gradient(
+    model: CaseModel, name: str, g_out: np.ndarray, inputs: CaseInputs, reference: np.ndarray
+) -> np.ndarray:
+    """The bound of the gradient ``name`` (``grad_input``, ``grad_weight``, ``grad_bias``,
+    ``grad_residual``, ``grad_sublayer_output``) of ``model``'s case, for upstream gradient
+    ``g_out``: DeepNorm's input gradient is scaled by alpha, the fused adds' summands receive the
+    new residual's upstream gradient too."""
+    case = model.case
+    if name in ("grad_weight", "grad_bias"):
+        return param_grad(model, name.removeprefix("grad_"), g_out, reference)
+    dz = grad_input(model, g_out, reference)
+    if case.norm == "deep_norm" and name == "grad_input":
+        return tolerance.scaled_gradient_bound(
+            dz, case.alpha, reference, out_dtype=case.dtype, acc_unit=model.acc_unit
+        )
+    if spec(case.norm).fused:
+        g2 = np.asarray(inputs.grads["grad_residual_out"], dtype=np.float64)
+        return tolerance.scaled_gradient_bound(
+            dz,
+            case.alpha if name == "grad_residual" else 1.0,
+            reference,
+            out_dtype=case.dtype,
+            acc_unit=model.acc_unit,
+            addend=g2,
+        )
+    return dz

@@ -366,7 +366,7 @@ def _backward(
         outcome.values[name] = to_numpy(tensor)
 
         def bound(m: bounds.CaseModel, name: str = name) -> np.ndarray:
-            return gradient_bound(m, name, g_out, inputs, exp.values[name])
+            return bounds.gradient(m, name, g_out, inputs, exp.values[name])
 
         _compare(rec, "backward", name, outcome, exp, bound, inputs, model)
 
@@ -478,27 +478,3 @@ def _provided_buffers(
         found, label = CallOutcome(values={name: actual}), f"{name} (out=)"
         grader, cause = graders[name], left[name]
         _compare(rec, kind, name, found, exp, grader, inputs, model, label=label, cause=cause)
-
-
-def gradient_bound(
-    model: bounds.CaseModel, name: str, g_out: np.ndarray, inputs: CaseInputs, reference: np.ndarray
-) -> np.ndarray:
-    case = model.case
-    if name in ("grad_weight", "grad_bias"):
-        return bounds.param_grad(model, name.removeprefix("grad_"), g_out, reference)
-    dz = bounds.grad_input(model, g_out, reference)
-    if case.norm == "deep_norm" and name == "grad_input":
-        return tolerance.scaled_gradient_bound(
-            dz, case.alpha, reference, out_dtype=case.dtype, acc_unit=model.acc_unit
-        )
-    if spec(case.norm).fused:
-        g2 = np.asarray(inputs.grads["grad_residual_out"], dtype=np.float64)
-        return tolerance.scaled_gradient_bound(
-            dz,
-            case.alpha if name == "grad_residual" else 1.0,
-            reference,
-            out_dtype=case.dtype,
-            acc_unit=model.acc_unit,
-            addend=g2,
-        )
-    return dz

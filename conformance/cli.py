@@ -18,7 +18,6 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -224,16 +223,6 @@ def _elements(text: str) -> int:
     return value
 
 
-def explore_budget(args: argparse.Namespace) -> explorer.Budget | None:
-    """The explorer's budget for a certify run: none for named cases or distributions."""
-    if args.case or args.distribution or args.explore_budget == 0:
-        return None
-    budget = explorer.QUICK if args.quick else explorer.FULL
-    if args.explore_budget is not None:
-        budget = replace(budget, elements=args.explore_budget)
-    return budget
-
-
 def _fraction(text: str) -> float:
     value = _positive(text)
     if value > 1:
@@ -266,7 +255,7 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from conformance.large import estimate
     from conformance.replay import save_inputs
     from conformance.reports import write_reports
-    from conformance.stream import StreamWriter, read_stream
+    from conformance.stream import StreamWriter, check_resumable, read_stream
     from conformance.summary import summary_table
     from impls.loader import load_adapter, resolve_device
 
@@ -295,7 +284,10 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             earlier = read_stream(args.resume)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        _check_resumable(earlier.run, adapter.spec, args)
+        try:
+            check_resumable(earlier.run, adapter.spec, args.seed, args.quick, args.convention)
+        except ValueError as exc:
+            raise UsageError(f"{args.resume} {exc}") from None
         cases = [c for c in cases if c.case_id not in earlier.cases]
     explored = set()
     if earlier is not None:  # a norm whose search finished is not searched again
@@ -331,7 +323,9 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             progress=progress,
             started=started,
             timeout=_timeout(args),
-            explore=explore_budget(args),
+            explore=None
+            if args.case or args.distribution
+            else explorer.budget(quick=args.quick, elements=args.explore_budget),
             explore_norms=[n for n in args.norm or adapter.norms() if n not in explored],
             explore_dtypes=args.dtype,
         )
@@ -353,28 +347,6 @@ def certify_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return EXIT_PASS
     failed = record.verdict == "fail" or record.speed_verdict == "fail"
     return EXIT_FAIL if failed else EXIT_PASS
-
-
-def _check_resumable(run: dict[str, object], spec: str, args: argparse.Namespace) -> None:
-    """A run resumes only with the adapter, seed and battery it started with."""
-    adapter = run.get("adapter")
-    started_with = adapter.get("spec") if isinstance(adapter, dict) else None
-    if started_with != spec:
-        raise UsageError(f"{args.resume} holds a run of adapter {started_with!r}, not {spec!r}")
-    if run.get("seed") != args.seed or run.get("quick") != args.quick:
-        raise UsageError(
-            f"{args.resume} holds a run with seed {run.get('seed')} and "
-            f"{'the quick' if run.get('quick') else 'the full'} battery: resume with the same"
-        )
-    tokens = shlex.split(str(run.get("command", "")))
-    convention = "declared"
-    if "--convention" in tokens[:-1]:
-        convention = tokens[tokens.index("--convention") + 1]
-    if convention != args.convention:
-        raise UsageError(
-            f"{args.resume} holds a run graded against the {convention} conventions: resume "
-            f"with --convention {convention}"
-        )
 
 
 def _speed(

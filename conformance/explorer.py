@@ -48,6 +48,16 @@ class Budget:
 QUICK = Budget(examples=4, elements=2**19, per_case=2**17, shrinks=24)
 FULL = Budget(examples=24, elements=2**23, per_case=2**18, shrinks=64)
 
+
+def budget(*, quick: bool, elements: int | None = None) -> Budget | None:
+    """The search's budget for a run: :data:`QUICK` or :data:`FULL`, with ``elements`` in
+    place of its element budget when given (0: no search)."""
+    if elements == 0:
+        return None
+    chosen = QUICK if quick else FULL
+    return chosen if elements is None else replace(chosen, elements=elements)
+
+
 #: Row lengths worth drawing more often than chance would: one off every tile, model sizes.
 EDGE_SIZES = tuple(sorted({t + d for t in TILES[:10] for d in (-1, 1)} | {768, 2560, 5120}))
 EDGE_ROWS = (MANY_ROWS, MANY_ROWS + 1, MANY_ROWS + 2)

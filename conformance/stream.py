@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -141,3 +143,28 @@ def _apply(stream: Stream | None, document: Any) -> Stream:
     else:
         raise ValueError(f"unknown line type {kind!r}")
     return stream
+
+
+def check_resumable(
+    run: Mapping[str, Any], spec: str, seed: int, quick: bool, convention: str
+) -> None:
+    """A run resumes only with the adapter, seed, battery and conventions it started with;
+    ``ValueError`` (to follow the directory's name) says which differs."""
+    adapter = run.get("adapter")
+    started_with = adapter.get("spec") if isinstance(adapter, dict) else None
+    if started_with != spec:
+        raise ValueError(f"holds a run of adapter {started_with!r}, not {spec!r}")
+    if run.get("seed") != seed or run.get("quick") != quick:
+        raise ValueError(
+            f"holds a run with seed {run.get('seed')} and "
+            f"{'the quick' if run.get('quick') else 'the full'} battery: resume with the same"
+        )
+    tokens = shlex.split(str(run.get("command", "")))
+    started = "declared"
+    if "--convention" in tokens[:-1]:
+        started = tokens[tokens.index("--convention") + 1]
+    if started != convention:
+        raise ValueError(
+            f"holds a run graded against the {started} conventions: resume with --convention "
+            f"{started}"
+        )
