@@ -102,9 +102,14 @@ def run_case(target: Target, case: Case, inputs: CaseInputs | None = None) -> li
     Where the checks cannot go on (the suite's own error, or a device that an earlier call into
     the adapter left broken), the checks done so far stand and one failed check says why.
     """
+    rec = _Recorder(case, target, target.convention(case.norm))
+    adapter = target.adapter
+    if not adapter.supports(case.norm, case.dtype, target.device):
+        why = f"{adapter.name} does not declare {case.norm} in {case.dtype} on {target.device}"
+        rec.add("forward", "call", "skip", message=why)
+        return rec.results
     if case.large:
         return run_large_case(target, case)
-    rec = _Recorder(case, target, target.convention(case.norm))
     try:
         inputs = build_inputs(case) if inputs is None else inputs
         _run_checks(rec, target, case, inputs)
@@ -129,10 +134,6 @@ def _run_checks(
     rec: _Recorder, target: Target, case: Case, inputs: CaseInputs, *, extras: bool = True
 ) -> None:
     adapter, norm = target.adapter, case.norm
-    if not adapter.supports(norm, case.dtype, target.device):
-        why = f"{adapter.name} does not declare {norm} in {case.dtype} on {target.device}"
-        rec.add("forward", "call", "skip", message=why)
-        return
     want_backward = bool(adapter.backward.get(norm, False))
     inplace = bool(getattr(adapter, "inplace", False))
     outcome = call_adapter(

@@ -2,9 +2,10 @@
 
 When a case whose input, upstream gradient or parameters are laid out other than contiguously
 (:mod:`conformance.layouts`) fails a graded check, it is run again with the same values in
-contiguous tensors. A failed check that passes there failed because of the layout, whatever
-else its values might suggest (a stride-0 ``grad_output`` read as dense returns the NaN poison
-around it, which a value diagnosis would blame on a NaN in the math), so its diagnosis says so;
+contiguous tensors. A failed check that passes there failed because of the layout, so its
+diagnosis says so first, keeping what the values suggested (E[x²] - E[x]² on a channels-last
+path) unless that rests on a NaN — a stride-0 ``grad_output`` read as dense returns the NaN
+poison around it, which a value diagnosis would blame on the math;
 each non-contiguous role is then tried alone to name the one at fault: "right with the same
 values in contiguous tensors, wrong with grad_output transposed". One rerun per failing case of
 such a layout, one more per role when the layout is the cause; none for contiguous cases.
@@ -25,6 +26,8 @@ _GRADED = ("forward", "backward", "nonfinite", "statistics", "running_stats")
 _ROLES = (("input", "layout"), ("grad_output", "grad_layout"), ("weight and bias", "param_layout"))
 
 Rerun = Callable[[Case, CaseInputs], list[CheckResult]]
+#: How the fingerprint begins a diagnosis it has no explanation for.
+UNEXPLAINED = "no known convention or defect explains it"
 
 
 def explain_layout(
@@ -61,4 +64,11 @@ def explain_layout(
     for r in caused:
         m = r.metrics
         outside = f" ({m.mismatched} of {m.n} elements outside the tolerance)" if m else ""
-        r.diagnosis = words + outside
+        # What the values alone suggested still describes that layout's path, unless it
+        # explains nothing or rests on a NaN, which a misread layout returns from the poison.
+        kept = r.diagnosis or ""
+        poisoned = m is not None and m.nonfinite_mismatches > 0
+        if kept.startswith(UNEXPLAINED) or poisoned or not kept:
+            r.diagnosis = words + outside
+        else:
+            r.diagnosis = f"{words}; on that layout the output is {kept}"

@@ -26,6 +26,7 @@ import numpy as np
 
 from conformance import bounds, metrics, signatures
 from conformance.bounds import CaseModel
+from conformance.differential import UNEXPLAINED
 from conformance.expected import Expected, backward_references, compute
 from conformance.inputs import CaseInputs, inputs_digest
 from conformance.specs import spec
@@ -313,7 +314,7 @@ def candidate_bound(
 #: The largest case (in elements) on which candidates are evaluated: each one recomputes the
 #: references (the backward ones at a few million elements per second). Larger cases get the
 #: signatures only; every distribution also runs on the battery's smaller shapes.
-CANDIDATE_ELEMENTS = {"forward": 2**18, "backward": 2**16}
+CANDIDATE_ELEMENTS = {"forward": 2**18, "backward": 2**15}
 
 
 def diagnose(
@@ -351,7 +352,7 @@ def diagnose(
         return f"{text}; the same NaN as under {as_under}" if search.only_nan else text
     if search.only_nan:
         return f"NaN where the declared convention gives finite values, as under {as_under}"
-    text = f"no known convention or defect explains it ({signatures.summary(failed)})"
+    text = f"{UNEXPLAINED} ({signatures.summary(failed)})"
     where = signatures.where_wrong(actual, reference, bound, model, output)
     if where:
         text += f"; {where}"

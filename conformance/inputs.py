@@ -116,8 +116,11 @@ def round_into(values: Any, dtype: str) -> np.ndarray:
 
 
 def inputs_digest(inputs: CaseInputs) -> str:
-    """The case id and every input value (inputs need not come from the case's seed)."""
-    h = hashlib.sha256(inputs.case.case_id.encode())
+    """The case (but for its layouts, which change no value) and every input value (inputs
+    need not come from the case's seed): the same values in other layouts, as the layout
+    diagnosis reruns them, share their references."""
+    plain = replace(inputs.case, layout=CONTIGUOUS, grad_layout=CONTIGUOUS, param_layout=CONTIGUOUS)
+    h = hashlib.sha256(plain.case_id.encode())
     for name, array in sorted({**inputs.arrays, **inputs.grads}.items()):
         h.update(name.encode())
         if array is not None:
