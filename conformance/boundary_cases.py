@@ -79,7 +79,8 @@ TRAILING: tuple[Boundary, ...] = (
     _b((0, 768), 1, quick=True),  # no rows
     _b((2, 0, 129), 1),  # no rows at rank 3
     _b((4, 1), 1, "o3 gb", quick=True),  # rows of one element, misaligned
-    _b((2, 3, 2560), 1, "b0 wb gb0", quick=True),  # rank 3, expanded input and parameters
+    _b((2, 3, 768), 1, "b0 wb gb0", quick=True),  # rank 3, expanded input and parameters
+    _b((2, 3, 2560), 1, "b0 wb gb0"),  # the same at a larger model size
     _b((2, 3, 5, 129), 1, "tr gtr", quick=True),  # rank 4, transposed input and grad
     _b((3, 5, 205), 2, "pad2 go2"),  # two normalized dims of 1025 elements
     _b((5, 1025), 1, "b0 wo1"),  # expanded rows, misaligned parameters

@@ -314,7 +314,7 @@ def candidate_bound(
 #: The largest case (in elements) on which candidates are evaluated: each one recomputes the
 #: references (the backward ones at a few million elements per second). Larger cases get the
 #: signatures only; every distribution also runs on the battery's smaller shapes.
-CANDIDATE_ELEMENTS = {"forward": 2**18, "backward": 2**15}
+CANDIDATE_ELEMENTS = {"forward": 2**16, "backward": 2**15}
 
 
 def diagnose(
