@@ -196,11 +196,7 @@ def _explore(
     budget: explorer.Budget,
 ) -> explorer.Search | None:
     """One norm's search over the dtypes the adapter supports here (None: it supports none)."""
-    supported = [
-        d
-        for d in adapter.dtypes[norm]
-        if adapter.supports(norm, d, device) and (dtypes is None or d in dtypes)
-    ]
+    supported = explorer.dtypes_for(adapter, norm, device, dtypes)
     if not supported:
         return None
     search = explorer.explore(runner.run_case, norm, supported, seed=seed, budget=budget)

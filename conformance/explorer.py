@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings
 from hypothesis import seed as hypothesis_seed
@@ -56,6 +57,18 @@ def budget(*, quick: bool, elements: int | None = None) -> Budget | None:
         return None
     chosen = QUICK if quick else FULL
     return chosen if elements is None else replace(chosen, elements=elements)
+
+
+def dtypes_for(
+    adapter: Any, norm: str, device: str, wanted: Sequence[str] | None = None
+) -> list[str]:
+    """The dtypes a search of ``norm`` draws from: those the adapter supports on ``device``
+    (and of ``wanted``, when given)."""
+    return [
+        d
+        for d in adapter.dtypes[norm]
+        if adapter.supports(norm, d, device) and (not wanted or d in wanted)
+    ]
 
 
 #: Row lengths worth drawing more often than chance would: one off every tile, model sizes.

@@ -76,13 +76,11 @@ def test_explore(
     shapes, strides, offsets and gradient layouts from the run seed and shrinks a failure to the
     smallest failing case, whose id ``--case`` reruns."""
     __tracebackhide__ = True
-    from conformance.explorer import FULL, QUICK, explore
+    from conformance.explorer import FULL, QUICK, dtypes_for, explore
 
     target, norm = conformance_target, conformance_explore_norm
     adapter = target.adapter
-    dtypes = [d for d in adapter.dtypes[norm] if adapter.supports(norm, d, target.device)]
-    wanted = request.config.getoption("--dtype")
-    dtypes = [d for d in dtypes if not wanted or d in wanted]
+    dtypes = dtypes_for(adapter, norm, target.device, request.config.getoption("--dtype"))
     if not dtypes:
         pytest.skip(f"{adapter.name} supports {norm} in no selected dtype on {target.device}")
     seed = request.config.getoption("--conformance-seed")

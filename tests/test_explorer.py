@@ -105,3 +105,15 @@ def test_an_explored_failure_reruns_by_case_id_and_replays(tmp_path: Path) -> No
     )  # fmt: skip
     assert replayed.returncode == 1, replayed.stdout + replayed.stderr
     assert "[backward grad_input] FAIL" in replayed.stdout
+
+
+def test_the_pytest_plugin_runs_one_search_per_norm() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "conformance", "-p", "no:cacheprovider", "-q",
+         "--adapter", f"{ZOO}:grad_strides_ignored", "--norm", "layer_norm", "--dtype",
+         "float32", "-k", "explore"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "test_explore[explore-layer_norm]" in run.stdout
+    assert "smallest failing case: layer_norm-float32-" in run.stdout
