@@ -45,15 +45,7 @@ class Boundary:
     training: bool = True
 
     def layouts(self) -> dict[str, layouts.Layout]:
-        words = self.tokens.split()
-        by_role = {
-            "grad_layout": [w for w in words if layouts.is_token(w, "g")],
-            "param_layout": [w for w in words if layouts.is_token(w, "w")],
-        }
-        taken = {w for group in by_role.values() for w in group}
-        by_role["layout"] = [w for w in words if w not in taken]
-        prefixes = {"layout": "", "grad_layout": "g", "param_layout": "w"}
-        return {role: layouts.from_tokens(ws, prefixes[role]) for role, ws in by_role.items()}
+        return layouts.case_layouts(self.tokens.split())
 
 
 def _b(shape: Sequence[int], extra: int, tokens: str = "", **options: bool) -> Boundary:

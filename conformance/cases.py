@@ -69,9 +69,8 @@ class Case:
     @property
     def case_id(self) -> str:
         parts = [self.norm, self.dtype, "x".join(map(str, self.shape)), self.distribution]
-        parts += self.layout.tokens()
-        parts += self.grad_layout.tokens("g")
-        parts += self.param_layout.tokens("w")
+        for role, prefix in layouts.ROLE_PREFIX.items():
+            parts += getattr(self, role).tokens(prefix)
         if self.norm == "group_norm":
             parts.append(f"g{self.num_groups}")
         if self.norm_dims != 1:
@@ -171,15 +170,11 @@ def parse_case_id(case_id: str) -> Case:
     except ValueError:
         raise ValueError(f"case id {case_id!r}: bad shape {shape_text!r}") from None
     fields: dict[str, object] = {}
-    tokens: dict[str, list[str]] = {"layout": [], "grad_layout": [], "param_layout": []}
+    tokens: list[str] = []
     named: list[str] = []
     for option in options:
-        if layouts.is_token(option):
-            tokens["layout"].append(option)
-        elif layouts.is_token(option, "g"):
-            tokens["grad_layout"].append(option)
-        elif layouts.is_token(option, "w"):
-            tokens["param_layout"].append(option)
+        if layouts.is_case_token(option):
+            tokens.append(option)
         elif option in SHAPE_CLASSES:
             named.append(option)
         elif option == "eval":
@@ -197,8 +192,7 @@ def parse_case_id(case_id: str) -> Case:
     if "seed" not in fields:
         raise ValueError(f"case id {case_id!r} has no seed (…-sN)")
     try:
-        for key, given in tokens.items():
-            fields[key] = layouts.from_tokens(given, ROLE_PREFIX[key])
+        fields.update(layouts.case_layouts(tokens))
         case = with_norm_defaults(Case(norm, dtype, shape, distribution, **fields))  # type: ignore[arg-type]
     except ValueError as exc:
         raise ValueError(f"case id {case_id!r}: {exc}") from None
@@ -210,10 +204,6 @@ def parse_case_id(case_id: str) -> Case:
             f"{shape_text}, whose classes are {', '.join(case.shape_classes) or 'none'}"
         )
     return case
-
-
-#: The prefix of each layout field's tokens in a case id.
-ROLE_PREFIX = {"layout": "", "grad_layout": "g", "param_layout": "w"}
 
 
 def with_norm_defaults(case: Case) -> Case:

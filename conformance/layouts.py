@@ -238,6 +238,30 @@ def from_tokens(tokens: Sequence[str], prefix: str = "") -> Layout:
     return Layout(**fields)
 
 
+#: A case's layout fields and the prefix of each one's tokens in a case id.
+ROLE_PREFIX = {"layout": "", "grad_layout": "g", "param_layout": "w"}
+
+
+def is_case_token(token: str) -> bool:
+    """Whether ``token`` is a layout token of any of a case's roles."""
+    return any(is_token(token, prefix) for prefix in ROLE_PREFIX.values())
+
+
+def case_layouts(tokens: Sequence[str]) -> dict[str, Layout]:
+    """A case's layout fields (``layout``, ``grad_layout``, ``param_layout``) from its layout
+    tokens, each told by its prefix."""
+    by_role: dict[str, list[str]] = {role: [] for role in ROLE_PREFIX}
+    for token in tokens:
+        # The input's tokens have no prefix: a token is the gradients' or the parameters'
+        # only when the rest of it is a token.
+        role = next(
+            (r for r in ("grad_layout", "param_layout") if is_token(token, ROLE_PREFIX[r])),
+            "layout",
+        )
+        by_role[role].append(token)
+    return {role: from_tokens(words, ROLE_PREFIX[role]) for role, words in by_role.items()}
+
+
 def _once(fields: dict[str, Any], key: str, value: Any, token: str) -> None:
     if key in fields:
         raise ValueError(f"layout token {token!r} repeats a choice already made")
