@@ -52,11 +52,18 @@ def run(
     binding = session(key).io_binding()
     # Contiguous CPU copies only where needed; kept referenced until the run has finished.
     held = [t.detach().to(device="cpu", dtype=dtype).contiguous() for t in inputs]
+    # An empty tensor's data pointer is null, which a binding refuses ("Pointer to data memory
+    # is not valid"): it is bound to one element of its own that nothing reads or writes.
+    placeholder = torch.empty(1, dtype=dtype)
+
+    def pointer(tensor: torch.Tensor) -> int:
+        return tensor.data_ptr() if tensor.numel() else placeholder.data_ptr()
+
     for name, tensor in zip(input_names(key.kind), held, strict=True):
-        binding.bind_input(name, "cpu", 0, element, list(tensor.shape), tensor.data_ptr())
+        binding.bind_input(name, "cpu", 0, element, list(tensor.shape), pointer(tensor))
     outputs = [torch.empty(tuple(shape), dtype=dtype) for shape in output_shapes]
     for name, tensor in zip(output_names(key.kind), outputs, strict=True):
-        binding.bind_output(name, "cpu", 0, element, list(tensor.shape), tensor.data_ptr())
+        binding.bind_output(name, "cpu", 0, element, list(tensor.shape), pointer(tensor))
     session(key).run_with_iobinding(binding)
     return outputs
 
