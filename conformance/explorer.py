@@ -95,6 +95,7 @@ def _trailing_shape(draw: st.DrawFn, per_case: int) -> tuple[tuple[int, ...], in
         ),
         label="n",
     )
+    n = min(n, max(per_case, 1))  # an edge size past the case's budget: the budget
     most = per_case // n
     kind = draw(st.sampled_from(("few", "few", "few", "many", "one", "none")), label="rows")
     if kind == "many" and most > EDGE_ROWS[0]:
