@@ -202,6 +202,8 @@ class Search:
     failing: Case | None = None
     first_failing: Case | None = None
     failing_runs: int = 0
+    #: Cases run after the first failure, while hypothesis shrank it.
+    shrinking_runs: int = 0
 
     def recorded(self) -> list[CheckResult]:
         """The checks of the drawn cases that passed and of the smallest failing case, as kind
@@ -217,8 +219,11 @@ class Search:
 
     def _summary(self) -> CheckResult:
         elements = sum(c.elements for c in self.drawn)
-        count = len(self.drawn)
-        drawn = f"drew {count} case{'s' if count != 1 else ''} ({elements} elements)"
+        count = len(self.drawn) - self.shrinking_runs
+        drawn = f"drew {count} case{'s' if count != 1 else ''}"
+        if self.shrinking_runs:
+            drawn += f" and ran {self.shrinking_runs} more while shrinking"
+        drawn += f" ({elements} elements)"
         if self.failing is None:
             last = self.drawn[-1] if self.drawn else None
             verdict, message = "pass", f"{drawn}: every one passed"
@@ -294,6 +299,7 @@ def explore(
                 if spent["shrinks"] >= budget.shrinks:
                     return  # shrinking has spent its runs: the smallest so far stands
                 spent["shrinks"] += 1
+                search.shrinking_runs += 1
             elif spent["elements"] + case.elements > budget.elements:
                 return
         results = run(case)
